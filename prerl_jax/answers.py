@@ -1,0 +1,64 @@
+"""Answer extraction from response text: last \\boxed{}, last <answer> tags, or the final line."""
+
+BOXED_COMMANDS = ("\\boxed", "\\fbox")
+ANSWER_FORMATS = ("boxed", "answer_tags", "last_line")
+
+
+def _braced_content(text: str, open_at: int) -> str | None:
+  """Content of the brace group opening at text[open_at], or None when it never closes."""
+  depth = 0
+  for position in range(open_at, len(text)):
+    char = text[position]
+    if char == "{":
+      depth += 1
+    elif char == "}":
+      depth -= 1
+      if depth == 0:
+        return text[open_at + 1:position]
+  return None
+
+
+def last_boxed(text: str) -> str | None:
+  """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces nested; None if absent."""
+  start = max(text.rfind(command) for command in BOXED_COMMANDS)
+  if start < 0:
+    return None
+  command = next(c for c in BOXED_COMMANDS if text.startswith(c, start))
+  after = start + len(command)
+  rest = text[after:]
+  if rest.startswith("{"):
+    return _braced_content(text, after)
+  if rest.startswith(" "):
+    token = rest.lstrip(" ").split(maxsplit=1)
+    return token[0].rstrip("$") if token else None
+  return None
+
+
+def last_answer_tag(text: str, tag: str = "answer") -> str | None:
+  """Stripped content of the last `<tag>...</tag>` pair, or None if absent."""
+  close_at = text.rfind(f"</{tag}>")
+  if close_at < 0:
+    return None
+  open_at = text.rfind(f"<{tag}>", 0, close_at)
+  if open_at < 0:
+    return None
+  return text[open_at + len(tag) + 2:close_at].strip()
+
+
+def last_line(text: str) -> str | None:
+  """The last non-blank line, stripped, or None for a blank response."""
+  for line in reversed(text.splitlines()):
+    if line.strip():
+      return line.strip()
+  return None
+
+
+def extract_answer(text: str, answer_format: str) -> str | None:
+  """The answer in `answer_format` ("boxed", "answer_tags" or "last_line"), or None if absent."""
+  if answer_format == "boxed":
+    return last_boxed(text)
+  if answer_format == "answer_tags":
+    return last_answer_tag(text)
+  if answer_format == "last_line":
+    return last_line(text)
+  raise ValueError(f"Unknown answer_format {answer_format!r}; valid: {list(ANSWER_FORMATS)}")

@@ -1,0 +1,124 @@
+"""Device mesh and logical-axis sharding rules: model code names logical axes, never mesh axes."""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axes) pairs; the first rule naming a logical axis wins.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+    ("cache_length", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
+                       f"divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
+                     f"{len(devices)} are available")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """Parses 'fsdp=8,tensor=1' into make_mesh keyword arguments."""
+  sizes = {}
+  for item in filter(None, spec.split(",")):
+    name, _, value = item.partition("=")
+    if name not in MESH_AXES or not value.lstrip("-").isdigit():
+      raise ValueError(f"mesh spec {spec!r}: expected comma-separated axis=size with axes "
+                       f"{MESH_AXES}, got {item!r}")
+    sizes[name] = int(value)
+  return sizes
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array with these logical axes.
+
+  A mesh axis is dropped for a dimension it does not divide (for example 2 kv heads on a
+  tensor axis of 4), and never used twice in one spec; such dimensions stay replicated.
+  """
+  rule_map = {}
+  for logical, mesh_axes in rules:
+    rule_map.setdefault(logical, mesh_axes)
+  used = set()
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    if name is not None and name not in rule_map:
+      raise KeyError(f"no sharding rule for logical axis {name!r}")
+    wanted = rule_map.get(name)
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
+    chosen = []
+    for axis in wanted:
+      if axis in used or mesh.shape[axis] == 1:
+        continue
+      if size % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]) == 0:
+        chosen.append(axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return PartitionSpec(*spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for an nnx.State (or any pytree holding nnx Variables with logical_axes).
+
+  Leaves that are not Variables with `logical_axes` (optimizer counters, scalars) are replicated.
+  """
+  def one(leaf):
+    if _is_variable(leaf) and "logical_axes" in leaf.get_metadata():
+      spec = logical_to_spec(leaf.get_metadata()["logical_axes"], leaf.get_value().shape, mesh, rules)
+      return leaf.replace(NamedSharding(mesh, spec))
+    if _is_variable(leaf):
+      return leaf.replace(NamedSharding(mesh, PartitionSpec()))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding for an array whose first axis is the batch and the rest are replicated."""
+  rule_map = dict(reversed(rules))
+  axes = rule_map.get("batch")
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  axes = tuple(a for a in axes if mesh.shape[a] > 1)
+  first = axes if len(axes) > 1 else (axes[0] if axes else None)
+  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
+  """Places every array of a batch pytree with its first axis over the batch mesh axes."""
+  return jax.tree.map(
+      lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules)), batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
