@@ -19,7 +19,7 @@ def _braced_content(text: str, open_at: int) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-  """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces nested; None if absent."""
+  """Content of the last `\\boxed{...}` (also `\\fbox{...}`, `\\boxed 5`), or None if absent."""
   start = max(text.rfind(command) for command in BOXED_COMMANDS)
   if start < 0:
     return None

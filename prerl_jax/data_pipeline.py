@@ -19,7 +19,7 @@ from prerl_jax import prompts
 
 def collate(problems: list[datasets.Problem], encoded: list[prompts.EncodedPrompt], pad_id: int,
             width: int) -> dict[str, Any]:
-  """A batch: left-padded prompt ids [B, width], their lengths and truncation flags, the problems."""
+  """A batch: left-padded prompt ids [B, width], lengths, truncation flags and the problems."""
   ids_BxL = np.full((len(encoded), width), pad_id, np.int32)
   for row, prompt in enumerate(encoded):
     if prompt.ids:

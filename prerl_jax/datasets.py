@@ -1,4 +1,4 @@
-"""Problem sources: RL parquet / JSONL files (verl layout) and reasoning-gym generators, validated."""
+"""Problem sources, validated: RL parquet / JSONL files (verl layout) and reasoning-gym tasks."""
 
 import dataclasses
 import json
@@ -37,8 +37,10 @@ class Problem:
 
 
 class LoadedFile(NamedTuple):
+  """The usable problems of a file and the number of bad rows skipped."""
+
   problems: list[Problem]
-  skipped: int  # Bad rows skipped under on_bad_row="skip".
+  skipped: int
 
 
 def _messages(prompt) -> tuple[dict[str, str], ...]:

@@ -12,10 +12,12 @@ from prerl_jax import math_reward
 from prerl_jax import pass_at_k
 from prerl_jax import prompts
 
-Generate = Callable[[list[list[int]], int], list[list[str]]]
+Generate = Callable[[list[list[int]], int], list[list[str]]]  # (prompt ids, n) -> n texts each.
 
 
 class Scored(Protocol):
+  """What a scorer returns: MathRewards or GymRewards."""
+
   rewards: np.ndarray
   counts: dict[str, int]
 

@@ -1,4 +1,4 @@
-"""reasoning-gym reward: extract the answer in the task's format, then the dataset's score_answer."""
+"""reasoning-gym reward: the answer in the task's format, scored by the dataset's score_answer."""
 
 import dataclasses
 import logging

@@ -71,6 +71,7 @@ def _worker_loop(connection) -> None:
 
 
 def _compact(text: str) -> str:
+  """Text without whitespace, for the exact-match shortcut."""
   return "".join(text.split())
 
 
@@ -152,7 +153,7 @@ class MathVerifierPool:
       answer = answers.last_boxed(response)
       if answer is None:
         counts["missing"] += 1
-      elif len(answer) > self.max_answer_chars or len(truth) > self.max_answer_chars:
+      elif not truth.strip() or max(len(answer), len(truth)) > self.max_answer_chars:
         counts[_UNPARSABLE] += 1
       elif _compact(answer) == _compact(truth):
         rewards[index] = 1.0
@@ -169,7 +170,7 @@ class MathVerifierPool:
       for slot in range(len(self._workers)):
         if slot not in busy and pending:
           index, answer, truth = pending.popleft()
-          self._workers[slot].connection.send((answer, truth))
+          self._send(slot, (answer, truth))
           busy[slot] = (index, time.monotonic() + self.timeout_s)
       wait_s = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
       ready = multiprocessing.connection.wait(
@@ -189,6 +190,14 @@ class MathVerifierPool:
           self._replace(slot)
           counts["timeout"] += 1
           del busy[slot]
+
+  def _send(self, slot: int, request: tuple[str, str]) -> None:
+    """Sends a request to a worker, first replacing it if it died while idle."""
+    try:
+      self._workers[slot].connection.send(request)
+    except OSError:
+      self._replace(slot)
+      self._workers[slot].connection.send(request)
 
   def _replace(self, slot: int) -> None:
     self._workers[slot].kill()

@@ -14,6 +14,8 @@ class PromptConfig:
 
 
 class EncodedPrompt(NamedTuple):
+  """Prompt token ids and whether they were cut."""
+
   ids: list[int]
   truncated: bool  # True when the left end was cut to fit max_prompt_tokens.
 

@@ -44,7 +44,8 @@ def _batches(num_problems=10, process_index=0, process_count=1, seed=0, **kwargs
 
 
 def test_smollm2_prompt_text_and_ids(tokenizer):
-  messages = [{"role": "system", "content": "Reason, then box."}, {"role": "user", "content": QUESTION}]
+  messages = [{"role": "system", "content": "Reason, then box."},
+              {"role": "user", "content": QUESTION}]
   config = prompts.PromptConfig(max_prompt_tokens=1024)
   expected = ("<|im_start|>system\nReason, then box.<|im_end|>\n<|im_start|>user\n"
               f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n")

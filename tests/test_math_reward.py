@@ -54,7 +54,8 @@ VERIFIER_TABLE = [
     ("\\boxed{-4}", "4", 0),
     ("\\fbox{12}", "12", 1),
     ("\\boxed 9", "9", 1),
-    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", 1),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+     1),
     ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}", 0),
     ("\\boxed{2^{10}}", "1024", 1),
     ("\\boxed{\\infty}", "\\infty", 1),
@@ -96,7 +97,8 @@ def test_hostile_inputs_finish_within_the_time_limit(pool):
   assert result.timeouts >= 1  # 9^{9^{9^{9}}} cannot finish.
   assert result.parse_failures >= 1  # The megabyte box is over the length cap.
   assert result.missing_answers == 1
-  assert pool.score(["\\boxed{\\frac{3}{6}}"], ["0.5"]).rewards.tolist() == [1]  # Replaced workers work.
+  replaced_workers_result = pool.score(["\\boxed{\\frac{3}{6}}"], ["0.5"])
+  assert replaced_workers_result.rewards.tolist() == [1]
 
 
 def test_boxed_python_is_never_executed(pool, tmp_path):
@@ -112,14 +114,24 @@ def test_boxed_python_is_never_executed(pool, tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_answer_over_length_cap_is_a_parse_failure():
+def test_over_length_answer_or_empty_truth_is_a_parse_failure():
   with math_reward.MathVerifierPool(num_workers=1, timeout_s=TIMEOUT_S,
                                     max_answer_chars=10) as short_pool:
-    result = short_pool.score(["\\boxed{12345678901}", "\\boxed{5}"], ["1", "5"])
-  assert result.rewards.tolist() == [0, 1]
-  assert result.counts == {"missing_answers": 0, "parse_failures": 1, "timeouts": 0}
+    result = short_pool.score(["\\boxed{12345678901}", "\\boxed{5}", "\\boxed{}"], ["1", "5", ""])
+  assert result.rewards.tolist() == [0, 1, 0]
+  assert result.counts == {"missing_answers": 0, "parse_failures": 2, "timeouts": 0}
 
 
 def test_mismatched_lengths_are_an_error(pool):
   with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
     pool.score(["a", "b"], ["1"])
+
+
+def test_dead_workers_are_replaced():
+  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S) as crash_pool:
+    for worker in crash_pool._workers:  # pylint: disable=protected-access
+      worker.process.kill()
+      worker.process.join()
+    result = crash_pool.score(["\\boxed{\\frac{4}{8}}", "\\boxed{0.2}", "\\boxed{3}"],
+                              ["0.5", "\\frac15", "4"])
+  assert result.rewards.tolist() == [1, 1, 0]

@@ -1,0 +1,7 @@
+"""Run configuration for the grpo objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
+
+from prerl_jax.run_config import make_config
+
+
+def get_config(arg=None):
+  return make_config("grpo", arg)
