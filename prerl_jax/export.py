@@ -6,17 +6,11 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from prerl_jax.model import Decoder
+from prerl_jax.sharding import to_host
 from prerl_jax.weight_names import tensor_mappings
-
-
-def _to_host(array: jax.Array) -> np.ndarray:
-  if not array.is_fully_addressable:
-    array = multihost_utils.process_allgather(array, tiled=True)
-  return np.asarray(jax.device_get(array), np.float32)
 
 
 def export_hf(model: Decoder, out_dir: str, tokenizer=None) -> str:
@@ -28,7 +22,7 @@ def export_hf(model: Decoder, out_dir: str, tokenizer=None) -> str:
   flat = dict(nnx.to_flat_state(nnx.state(model)))
   tensors = {}
   for mapping in tensor_mappings(config):
-    value = _to_host(flat[mapping.path].get_value())
+    value = to_host(flat[mapping.path].get_value()).astype(np.float32)
     slices = list(value) if mapping.stacked else [value]
     for name, slice_ in zip(mapping.hf_names, slices):
       tensors[name] = mapping.to_hf(slice_)

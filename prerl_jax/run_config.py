@@ -21,13 +21,11 @@ def _cpu_default() -> ml_collections.ConfigDict:
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.data = dict(
       source="reasoning_gym",  # reasoning_gym | files
-      task="basic_arithmetic",
-      task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-                       operators=("+", "-"), format_style="simple"),
+      task="chain_sum",
+      task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
       train_size=2000,
       eval_size=64,
       seed=1,
-      eval_seed=2,
       answer_format="last_line",
       train_files=(),
       eval_files=(),
@@ -45,9 +43,9 @@ def _cpu_default() -> ml_collections.ConfigDict:
                  micro_batches=2)
   c.reward = dict(timeout_s=5.0, workers=2)
   c.eval = dict(every=0, samples_per_problem=4, temperature=1.0, max_new_tokens=32,
-                at_start=True, at_end=True)
+                prompts_per_call=16, at_start=True, at_end=True)
   c.train = dict(steps=12, seed=0, checkpoint_every=4, keep_checkpoints=2, run_dir="runs/{name}",
-                 export_hf=False, log_samples=2)
+                 export_hf=False, log_samples=2, log_both_spaces=True)
   return c
 
 
@@ -82,7 +80,8 @@ SHORTCUTS = {
 }
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, text: str):
+def set_from_text(config: ml_collections.ConfigDict, dotted: str, text: str):
+  """Sets `a.b.c` from a command-line string, converted to the current value's type."""
   node = config
   *parents, leaf = dotted.split(".")
   for key in parents:
@@ -110,5 +109,5 @@ def make_config(objective: str, arg: str | None = None) -> ml_collections.Config
     key, _, value = part.partition("=")
     if key not in SHORTCUTS:
       raise ValueError(f"config argument: unknown key {key!r}; valid: {', '.join(SHORTCUTS)}")
-    _set(config, SHORTCUTS[key], value)
+    set_from_text(config, SHORTCUTS[key], value)
   return config

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -115,9 +116,25 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
-  """Places every array of a batch pytree with its first axis over the batch mesh axes."""
-  return jax.tree.map(
-      lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules)), batch)
+  """Places a pytree of host arrays with the first axis over the batch mesh axes.
+
+  Every process passes the same global arrays and each device receives only its rows, so this
+  works unchanged on one host or many (`jax.make_array_from_callback`).
+  """
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, rules),
+                                        lambda index: x[index])
+  return jax.tree.map(place, batch)
+
+
+def to_host(tree):
+  """Numpy copies of a pytree of (possibly multi-host sharded) arrays, the same on every host."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,111 @@
+"""Gradient alignment of log P(y) and log P(y|x) on sampled or given responses.
+
+python launch/grad_alignment.py [--model smollm2-135m] [--jsonl pairs.jsonl] [--json]
+
+Without --jsonl, the model samples --samples_per_prompt responses to a few arithmetic questions.
+A JSONL row is {"prompt": user message, "response": assistant text}; the prompt gets the chat
+template, the response is tokenized as is. Paper (Qwen3-4B, AMC23): inner product positive for
+every sample, mean cosine 0.44.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from prerl_jax import grad_alignment  # noqa: E402
+from prerl_jax.loading import load_model  # noqa: E402
+from prerl_jax.prompts import PromptConfig, encode_prompt  # noqa: E402
+from prerl_jax.tokenizer import chat_turn_start_id, stop_token_ids  # noqa: E402
+
+QUESTIONS = (
+    "What is 17 + 25?",
+    "What is 9 times 8?",
+    "What is 144 divided by 12?",
+    "If I have 23 apples and eat 7, how many are left?",
+    "What is 15% of 200?",
+    "What is 3 squared plus 4 squared?",
+)
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+  """(prompt, response) texts of a JSONL file; a bad row raises an error naming file and line."""
+  pairs = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        pairs.append((str(row["prompt"]), str(row["response"])))
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt' and "
+                         f"'response' ({e!r})") from None
+  if not pairs:
+    raise ValueError(f"{path}: no rows")
+  return pairs
+
+
+def build_batch(model, tokenizer, args) -> dict:
+  """Prompt and response arrays, from the JSONL file or sampled by the model."""
+  pad = tokenizer.pad_token_id
+  if args.jsonl:
+    pairs = read_pairs(args.jsonl)
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p}], PromptConfig()).ids
+               for p, _ in pairs]
+    responses = [tokenizer.encode(r, add_special_tokens=False) for _, r in pairs]
+    if any(not r for r in responses):
+      raise ValueError(f"{args.jsonl}: a response tokenizes to nothing")
+    prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
+    response_tokens, response_mask = grad_alignment.right_pad(responses, pad)
+  else:
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], PromptConfig()).ids
+               for q in QUESTIONS for _ in range(args.samples_per_prompt)]
+    prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
+    response_tokens, response_mask = grad_alignment.sample(
+        model, prompt_tokens, prompt_mask, jax.random.key(args.seed),
+        max_new_tokens=args.max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+        temperature=args.temperature, pad_id=pad)
+    response_tokens, response_mask = np.asarray(response_tokens), np.asarray(response_mask)
+  return {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
+          "response_tokens": response_tokens, "response_mask": response_mask}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="smollm2-135m", help="preset or checkpoint path")
+  parser.add_argument("--jsonl", help="prompt/response pairs instead of sampling")
+  parser.add_argument("--samples_per_prompt", type=int, default=2)
+  parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="sampling and scoring temperature (0 samples greedily, scores at 1)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  args = parser.parse_args()
+
+  model, tokenizer = load_model(args.model)
+  batch = build_batch(model, tokenizer, args)
+  result = grad_alignment.alignment(model, batch, chat_turn_start_id(tokenizer),
+                                    temperature=args.temperature or 1.0)
+  summary = grad_alignment.summarize(result, batch["response_mask"])
+  if args.json:
+    print(json.dumps({"summary": summary, "inner": result["inner"].tolist(),
+                      "cosine": result["cosine"].tolist()}, indent=2))
+    return
+  print(f"{summary['samples']} samples, {args.model}: inner product mean "
+        f"{summary['inner_mean']:.3f} (min {summary['inner_min']:.3f}, max "
+        f"{summary['inner_max']:.3f}), {summary['percent_negative']:.1f}% negative, mean cosine "
+        f"{summary['cosine_mean']:.3f}")
+  print(f"token log P(y|x) - log P(y): mean {summary['token_logp_diff_mean']:.3f}; mean |diff| "
+        f"first {grad_alignment.EARLY_TOKENS} tokens {summary['token_abs_diff_early']:.3f}, "
+        f"later {summary['token_abs_diff_late']:.3f}")
+
+
+if __name__ == "__main__":
+  main()

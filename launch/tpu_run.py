@@ -1,0 +1,116 @@
+"""Trains with a config file: `python launch/tpu_run.py --config=configs/nsr_prerl.py[:arg]`.
+
+Overrides: `--config.rollout.group_size=4` (an unknown key is an error naming it). JAX flags such
+as `--jax_platforms=cpu|cuda|tpu` are honoured. Multi-host: run the same command on every host;
+jax.distributed is initialised from --coordinator_address/--num_processes/--process_id, from the
+environment, or automatically on TPU pods.
+
+`--dry_run --mesh=fsdp=8,tensor=1 [--accelerator=v5p|v5e|h100|h200]` trains nothing: it compiles
+the run's programs for that mesh on simulated CPU devices and prints predicted memory and step
+time per device (prerl_jax/dry_run.py).
+"""
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _simulate_dry_run_devices(argv):
+  """A --dry_run needs one CPU device per mesh device, which must be set before jax loads."""
+  if "--dry_run" not in argv:
+    return
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), "fsdp=8")
+  sizes = [item.partition("=")[2] for item in spec.split(",") if item]
+  count = math.prod(int(size) for size in sizes if size.isdigit())
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                             f"--xla_force_host_platform_device_count={count}").strip()
+
+
+_simulate_dry_run_devices(sys.argv)
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+jax.config.config_with_absl()
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
+                                          lock_config=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_JSON = flags.DEFINE_bool("json", False, "Print the final summary as JSON.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile for --mesh and predict memory and step "
+                             "time instead of training.")
+_MESH = flags.DEFINE_string("mesh", "fsdp=8", "Dry-run mesh, e.g. fsdp=8,tensor=1 (write it as "
+                            "--mesh=...).")
+_ACCELERATOR = flags.DEFINE_string("accelerator", "v5p",
+                                   "Dry-run accelerator peaks: v5p, v5e, h100 or h200.")
+flags.mark_flag_as_required("config")
+
+
+def _initialize_distributed():
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    if jax.config.jax_platforms == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif "JAX_COORDINATOR_ADDRESS" in os.environ or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()
+
+
+def _summary_lines(summary: dict) -> list[str]:
+  from prerl_jax import evaluation  # pylint: disable=import-outside-toplevel
+  lines = [f"run directory: {summary['run_dir']}"]
+  for key, title in (("eval_before", "before training"), ("eval_after", "after training")):
+    if summary.get(key):
+      lines += [f"\nHeld-out evaluation {title}:", evaluation.format_table(summary[key])]
+  lines.append(f"\nskipped (non-finite) updates: {summary['skipped_updates']}")
+  return lines
+
+
+def _parse_flags(argv):
+  """absl flag parsing that turns a mistyped config key into a one-line error naming it."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    overrides = [a for a in argv if a.startswith("--config.")]
+    key = str(error).strip("\"'")
+    sys.exit(f"tpu_run.py: unknown config key {key!r} in {' '.join(overrides)}")
+  except flags.Error as error:
+    sys.exit(f"tpu_run.py: {error}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DRY_RUN.value:
+    from prerl_jax import dry_run  # pylint: disable=import-outside-toplevel
+    try:
+      print(dry_run.report_text(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _JSON.value))
+    except ValueError as error:
+      sys.exit(f"tpu_run.py: {error}")
+    return
+  _initialize_distributed()
+  from prerl_jax import evaluation, trainer  # pylint: disable=import-outside-toplevel
+  logging.info("devices: %s", jax.devices())
+  run = trainer.Trainer(_CONFIG.value)
+  try:
+    summary = run.run()
+  finally:
+    run.close()
+  if jax.process_index() == 0:
+    if _JSON.value:
+      for key in ("eval_before", "eval_after"):
+        if key in summary:
+          summary[key] = evaluation.results_as_dicts(summary[key])
+      print(json.dumps(summary, indent=2))
+    else:
+      print("\n".join(_summary_lines(summary)))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
