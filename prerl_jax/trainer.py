@@ -40,6 +40,22 @@ def _schedule(config: ml_collections.ConfigDict):
   return get_schedule(objective.name)
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
+  """Fails early, naming the config keys, when a batch does not split over the devices."""
+  rollout, optim = config.rollout, config.optim
+  checks = (
+      ("rollout.prompts_per_step", rollout.prompts_per_step, batch_devices),
+      ("eval.prompts_per_call", config.eval.prompts_per_call, batch_devices),
+      ("rollout.prompts_per_step * rollout.group_size",
+       rollout.prompts_per_step * rollout.group_size, optim.micro_batches * batch_devices),
+  )
+  for key, value, divisor in checks:
+    if value % divisor:
+      raise ValueError(f"config {key} = {value} must be divisible by {divisor} (the mesh splits "
+                       f"batches {batch_devices} ways; optim.micro_batches = "
+                       f"{optim.micro_batches})")
+
+
 class Trainer:
   """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end."""
 
@@ -47,6 +63,7 @@ class Trainer:
     self.config = config
     self.run_dir = config.train.run_dir.format(name=config.name)
     self.mesh = sharding.make_mesh(**config.mesh)
+    check_batch_sizes(config, sharding.batch_devices(self.mesh))
     model_cfg = config.model
     self.model, self.tokenizer = load_model(
         model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,

@@ -35,6 +35,7 @@ def tiny_run_overrides(model_dir: str, run_dir: str, steps: int = 4) -> list[str
       "--config.rollout.max_new_tokens=8", "--config.data.train_size=32",
       "--config.data.eval_size=4", "--config.eval.at_start=false", "--config.eval.at_end=false",
       "--config.optim.micro_batches=1", "--config.optim.learning_rate=0.01",
+      "--config.mesh.fsdp=1", "--config.eval.prompts_per_call=2",
   ]
 
 

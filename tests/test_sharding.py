@@ -51,5 +51,7 @@ def test_logical_to_spec_drops_axes_that_do_not_divide():
                                   mesh)
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
   assert sharding.parse_mesh("fsdp=8,tensor=1") == {"fsdp": 8, "tensor": 1}
-  with pytest.raises(ValueError, match="needs 6 devices"):
-    sharding.make_mesh(1, 3, 2)
+  assert sharding.make_mesh(1, 2, 2).devices.size == 4  # A smaller mesh takes the first devices.
+  assert sharding.batch_devices(sharding.make_mesh(2, 2, 2)) == 4
+  with pytest.raises(ValueError, match="needs 12 devices"):
+    sharding.make_mesh(1, 3, 4)

@@ -1,0 +1,284 @@
+"""Fused sampler: one jitted program that prefills left-padded prompts and decodes in a while_loop.
+
+The KV cache [layers, N, kv_heads, prompt bucket + max_new_tokens - 1, head_dim] is allocated
+inside the program and updated in place by the while_loop; the caller passes no cache.
+
+Prompt lengths are left-padded up to a bucket (`SamplingConfig.prompt_buckets`, by default powers
+of two from 64 to 4096), so a training run compiles at most one program per bucket for a fixed
+prompt batch size and config. Each prompt is prefilled once; its KV cache and last logits are
+repeated `n` times along the batch, so rows `i*n .. i*n+n-1` are the samples of prompt `i`.
+
+Log-prob convention: `SampleOutput.logprobs_NxM` holds `log_softmax(logits / temperature)` of the
+sampled token, taken BEFORE top-k / top-p truncation (as verl does), so a trainer reproduces it
+by dividing its logits by the same temperature. With `top_k=0, top_p=1` (the RL setting) that is
+exactly the distribution sampled from. Greedy decoding records `log_softmax(logits)`.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from prerl_jax import sharding
+from prerl_jax.model import CACHE_AXES, Decoder, init_kv_cache, positions_from_mask
+from prerl_jax.tokenizer import stop_token_ids
+
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+# A decode of M new tokens runs as min(4, M // 64) (at least 1) while_loops, each attending only
+# over the cache slots filled by its end; short decodes use one loop and compile faster.
+MAX_DECODE_SEGMENTS = 4
+SEGMENT_MIN_STEPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Per-call sampling settings. Hashable: it is a static argument of the sampling program."""
+
+  max_new_tokens: int
+  pad_id: int
+  stop_ids: tuple[int, ...] = ()
+  temperature: float = 1.0
+  top_k: int = 0  # 0: no top-k truncation.
+  top_p: float = 1.0  # 1: no nucleus truncation.
+  greedy: bool = False
+  n: int = 1  # Samples per prompt.
+  prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+    object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+    checks = (
+        ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+        ("temperature", self.greedy or self.temperature > 0, "must be > 0 unless greedy"),
+        ("top_k", self.top_k >= 0, "must be >= 0 (0 disables top-k)"),
+        ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+        ("n", self.n >= 1, "must be >= 1"),
+        ("prompt_buckets", bool(self.prompt_buckets) and all(
+            a < b for a, b in zip((0,) + self.prompt_buckets, self.prompt_buckets)),
+         "must be positive and strictly increasing"),
+    )
+    for key, ok, rule in checks:
+      if not ok:
+        raise ValueError(f"SamplingConfig.{key}={getattr(self, key)!r} {rule}")
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer, max_new_tokens: int, **settings) -> "SamplingConfig":
+    """A config whose stop ids and pad id come from the tokenizer (eos and `<|im_end|>`)."""
+    settings.setdefault("stop_ids", stop_token_ids(tokenizer))
+    settings.setdefault("pad_id", tokenizer.pad_token_id)
+    return cls(max_new_tokens=max_new_tokens, **settings)
+
+  def bucket(self, prompt_length: int) -> int:
+    """The smallest prompt bucket that holds a prompt of this many tokens."""
+    for bucket in self.prompt_buckets:
+      if prompt_length <= bucket:
+        return bucket
+    raise ValueError(f"prompt of {prompt_length} tokens is longer than the largest prompt bucket "
+                     f"{self.prompt_buckets[-1]} (SamplingConfig.prompt_buckets)")
+
+
+@struct.dataclass
+class SampleOutput:
+  """Sampled responses (N = prompts * n rows; rows i*n .. i*n+n-1 belong to prompt i).
+
+  Attributes:
+    tokens_NxM: response ids, right-padded with the pad id (a stop token, when emitted, is the
+      last real token of its response).
+    lengths_N: response lengths in tokens, the stop token included.
+    logprobs_NxM: log-prob of each sampled token (see the module docstring); 0 at padding.
+    truncated_N: True where no stop token came within `max_new_tokens`.
+    prompt_tokens_NxP, prompt_mask_NxP: the left-padded prompts, repeated n times, so
+      `[prompt][response]` rows can be scored by the trainer without host bookkeeping.
+  """
+
+  tokens_NxM: jax.Array
+  lengths_N: jax.Array
+  logprobs_NxM: jax.Array
+  truncated_N: jax.Array
+  prompt_tokens_NxP: jax.Array
+  prompt_mask_NxP: jax.Array
+
+  @property
+  def response_mask_NxM(self) -> jax.Array:
+    return jnp.arange(self.tokens_NxM.shape[1]) < self.lengths_N[:, None]
+
+
+def prompt_batch(prompts: Sequence[Sequence[int]], config: SamplingConfig,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens_BxP int32, mask_BxP bool): prompts left-padded with the pad id to their bucket."""
+  if not prompts:
+    raise ValueError("prompt_batch needs at least one prompt")
+  for row, ids in enumerate(prompts):
+    if not len(ids):
+      raise ValueError(f"prompt {row} is empty")
+  width = config.bucket(max(map(len, prompts)))
+  tokens = np.full((len(prompts), width), config.pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), bool)
+  for row, ids in enumerate(prompts):
+    tokens[row, width - len(ids):] = ids
+    mask[row, width - len(ids):] = True
+  return tokens, mask
+
+
+def _choose(logits_NxV, key, config: SamplingConfig):
+  """(next token, its log-prob under the convention of the module docstring)."""
+  if config.greedy:
+    token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+    scaled_NxV = logits_NxV
+  else:
+    scaled_NxV = logits_NxV / config.temperature
+    if config.top_k or config.top_p < 1:
+      vocab = logits_NxV.shape[-1]
+      values_NxK, indices_NxK = jax.lax.top_k(scaled_NxV, min(config.top_k or vocab, vocab))
+      if config.top_p < 1:
+        probs_NxK = jax.nn.softmax(values_NxK, axis=-1)
+        mass_before_NxK = jnp.cumsum(probs_NxK, axis=-1) - probs_NxK
+        values_NxK = jnp.where(mass_before_NxK < config.top_p, values_NxK, -jnp.inf)
+      choice_N = jax.random.categorical(key, values_NxK, axis=-1)
+      token_N = jnp.take_along_axis(indices_NxK, choice_N[:, None], axis=-1)[:, 0]
+    else:
+      token_N = jax.random.categorical(key, scaled_NxV, axis=-1).astype(jnp.int32)
+  chosen_N = jnp.take_along_axis(scaled_NxV, token_N[:, None], axis=-1)[:, 0]
+  return token_N, chosen_N - jax.nn.logsumexp(scaled_NxV, axis=-1)
+
+
+def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
+                    config: SamplingConfig, cache_sharding):
+  """Prefill, then decode until every row has stopped or `max_new_tokens` are sampled."""
+  model: Decoder = nnx.merge(graphdef, state)
+  batch, prompt_width = prompt_tokens_BxP.shape
+  max_new, n = config.max_new_tokens, config.n
+  rows = batch * n
+  constrain = ((lambda c: jax.lax.with_sharding_constraint(c, cache_sharding))
+               if cache_sharding is not None else (lambda c: c))
+
+  # Slot prompt_width + t - 1 holds the input of decode step t (t >= 1): M - 1 decode slots.
+  cache_length = prompt_width + max_new - 1
+  key_mask_BxS = jnp.pad(prompt_mask_BxP, ((0, 0), (0, max_new - 1)), constant_values=True)
+  cache = constrain(init_kv_cache(model.config, batch, cache_length))
+  hidden_BxPxD, cache = model(prompt_tokens_BxP, positions_from_mask(prompt_mask_BxP),
+                              prompt_mask_BxP, cache=cache, cache_index=0)
+  last_logits_BxV = model.logits(hidden_BxPxD[:, -1:])[:, 0]
+
+  repeat = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+  cache = constrain(jax.tree.map(lambda c: repeat(c, axis=1), cache))
+  key_mask_NxS = repeat(key_mask_BxS)
+  prompt_lengths_N = repeat(prompt_mask_BxP.sum(axis=1, dtype=jnp.int32))
+  stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+  def emit(step, logits_NxV, carry):
+    tokens_NxM, logprobs_NxM, lengths_N, done_N = carry
+    token_N, logprob_N = _choose(logits_NxV, jax.random.fold_in(key, step), config)
+    token_N = jnp.where(done_N, config.pad_id, token_N)
+    logprob_N = jnp.where(done_N, 0.0, logprob_N)
+    tokens_NxM = jax.lax.dynamic_update_slice(tokens_NxM, token_N[:, None], (0, step))
+    logprobs_NxM = jax.lax.dynamic_update_slice(logprobs_NxM, logprob_N[:, None], (0, step))
+    lengths_N = lengths_N + (~done_N).astype(jnp.int32)
+    done_N = done_N | jnp.isin(token_N, stop_ids)
+    return token_N, (tokens_NxM, logprobs_NxM, lengths_N, done_N)
+
+  outputs = (jnp.full((rows, max_new), config.pad_id, jnp.int32),
+             jnp.zeros((rows, max_new), jnp.float32), jnp.zeros((rows,), jnp.int32),
+             jnp.zeros((rows,), bool))
+  token_N, outputs = emit(0, repeat(last_logits_BxV), outputs)
+
+  def decode(first_step, end_step, token_N, cache, outputs):
+    """Decode steps first_step .. end_step - 1, attending over the cache slots they can see."""
+    window = prompt_width + end_step - 1
+
+    def cond(loop):
+      step, _, _, outputs = loop
+      return (step < end_step) & ~jnp.all(outputs[3])
+
+    def body(loop):
+      step, token_N, cache, outputs = loop
+      positions_Nx1 = (prompt_lengths_N + step - 1)[:, None]
+      hidden_Nx1xD, cache = model(token_N[:, None], positions_Nx1, key_mask_NxS[:, :window],
+                                  cache=cache, cache_index=prompt_width + step - 1)
+      token_N, outputs = emit(step, model.logits(hidden_Nx1xD)[:, 0], outputs)
+      return step + 1, token_N, cache, outputs
+
+    _, token_N, cache, outputs = jax.lax.while_loop(
+        cond, body, (jnp.int32(first_step), token_N, cache, outputs))
+    return token_N, cache, outputs
+
+  # Each segment's loop attends only over the slots filled by its end: less attention work.
+  segments = max(1, min(MAX_DECODE_SEGMENTS, max_new // SEGMENT_MIN_STEPS))
+  bounds = np.linspace(1, max_new, segments + 1).round().astype(int)
+  for first_step, end_step in zip(bounds[:-1], bounds[1:]):
+    token_N, cache, outputs = decode(int(first_step), int(end_step), token_N, cache, outputs)
+  tokens_NxM, logprobs_NxM, lengths_N, done_N = outputs
+  return SampleOutput(tokens_NxM=tokens_NxM, lengths_N=lengths_N, logprobs_NxM=logprobs_NxM,
+                      truncated_N=~done_N, prompt_tokens_NxP=repeat(prompt_tokens_BxP),
+                      prompt_mask_NxP=repeat(prompt_mask_BxP))
+
+
+class Sampler:
+  """Samples from a Decoder with one compiled program per (prompt bucket, batch size, config).
+
+  Usage: `sampler = Sampler(model, mesh)`, then per step
+  `sampler.sample(state, tokens_BxP, mask_BxP, key, config)` with `state = nnx.state(model)`
+  (the current parameters) and prompts from `prompt_batch`. Under a mesh the prompt batch is
+  split over the `data` and `fsdp` axes and the parameters are sharded by `rules`.
+  """
+
+  def __init__(self, model: Decoder, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+    self.graphdef, state = nnx.split(model)
+    self.model_config = model.config
+    self.mesh = mesh
+    self.rules = rules
+    program = functools.partial(_sample_program, self.graphdef)
+    static = (4, 5)  # config, cache_sharding
+    if mesh is None:
+      self._program = jax.jit(program, static_argnums=static)
+      self._batch_devices = 1
+      return
+    rows = sharding.batch_sharding(mesh, 1, rules)
+    prompts = sharding.batch_sharding(mesh, 2, rules)
+    self._batch_devices = math.prod(mesh.shape[axis] for axis in _axes(rows.spec[0]))
+    self._program = jax.jit(
+        program, static_argnums=static,
+        in_shardings=(sharding.state_shardings(state, mesh, rules), prompts, prompts,
+                      sharding.replicated(mesh)),
+        out_shardings=SampleOutput(tokens_NxM=prompts, lengths_N=rows, logprobs_NxM=prompts,
+                                   truncated_N=rows, prompt_tokens_NxP=prompts,
+                                   prompt_mask_NxP=prompts))
+
+  def sample(self, state, prompt_tokens_BxP, prompt_mask_BxP, key,
+             config: SamplingConfig) -> SampleOutput:
+    """Samples `config.n` responses per prompt; see SampleOutput and the module docstring."""
+    batch, width = np.shape(prompt_tokens_BxP)
+    if np.shape(prompt_mask_BxP) != (batch, width):
+      raise ValueError(f"prompt_mask_BxP has shape {np.shape(prompt_mask_BxP)}, expected "
+                       f"{(batch, width)} like prompt_tokens_BxP")
+    if width not in config.prompt_buckets:
+      raise ValueError(f"prompt width {width} is not one of SamplingConfig.prompt_buckets "
+                       f"{config.prompt_buckets}; build prompts with prompt_batch")
+    if batch % self._batch_devices:
+      raise ValueError(f"prompt batch {batch} is not divisible by the {self._batch_devices} "
+                       "devices of the batch mesh axes")
+    cache_sharding = None
+    if self.mesh is not None:
+      c = self.model_config
+      shape = (c.num_layers, batch * config.n, c.num_kv_heads,
+               width + config.max_new_tokens - 1, c.head_dim)
+      cache_sharding = NamedSharding(
+          self.mesh, sharding.logical_to_spec(CACHE_AXES, shape, self.mesh, self.rules))
+    return self._program(state, jnp.asarray(prompt_tokens_BxP, jnp.int32),
+                         jnp.asarray(prompt_mask_BxP, bool), key, config, cache_sharding)
+
+  def num_compiled(self) -> int:
+    """How many sampling programs have been compiled so far."""
+    return self._program._cache_size()
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
