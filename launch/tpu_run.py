@@ -70,6 +70,7 @@ def _summary_lines(summary: dict) -> list[str]:
     if summary.get(key):
       lines += [f"\nHeld-out evaluation {title}:", evaluation.format_table(summary[key])]
   lines.append(f"\nskipped (non-finite) updates: {summary['skipped_updates']}")
+  lines.append(f"peak resident memory: {summary['peak_rss_gib']:.2f} GiB")
   return lines
 
 
@@ -89,6 +90,8 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  if flags.FLAGS["verbosity"].using_default_value:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows it.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DRY_RUN.value:

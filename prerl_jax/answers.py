@@ -1,7 +1,9 @@
 """Answer extraction from response text: last \\boxed{}, last <answer> tags, or the final line."""
 
+import re
+
 BOXED_COMMANDS = ("\\boxed", "\\fbox")
-ANSWER_FORMATS = ("boxed", "answer_tags", "last_line")
+ANSWER_FORMATS = ("boxed", "answer_tags", "last_line", "last_number")
 
 
 def _braced_content(text: str, open_at: int) -> str | None:
@@ -53,12 +55,23 @@ def last_line(text: str) -> str | None:
   return None
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+  """The last number (optional minus, digits with thousands commas, decimals), commas removed."""
+  numbers = _NUMBER.findall(text[-10_000:])
+  return numbers[-1].replace(",", "") if numbers else None
+
+
 def extract_answer(text: str, answer_format: str) -> str | None:
-  """The answer in `answer_format` ("boxed", "answer_tags" or "last_line"), or None if absent."""
+  """The answer in `answer_format` (see ANSWER_FORMATS), or None if absent."""
   if answer_format == "boxed":
     return last_boxed(text)
   if answer_format == "answer_tags":
     return last_answer_tag(text)
   if answer_format == "last_line":
     return last_line(text)
+  if answer_format == "last_number":
+    return last_number(text)
   raise ValueError(f"Unknown answer_format {answer_format!r}; valid: {list(ANSWER_FORMATS)}")

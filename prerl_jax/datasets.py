@@ -12,6 +12,7 @@ GYM_INSTRUCTIONS = {
     "answer_tags": "Give your final answer inside <answer></answer> tags.",
     "boxed": "Put your final answer within \\boxed{}.",
     "last_line": "Give your final answer alone on the last line.",
+    "last_number": "End your response with the final answer as a number.",
 }
 DEDUPE_KEYS = ("user_message", "index")
 

@@ -10,6 +10,9 @@ import ml_collections
 OBJECTIVES = ("grpo", "nsr_prerl", "psr_prerl", "prerl", "nsr_rl", "psr_rl", "w_reinforce",
               "dsrl")
 PRESETS = ("cpu", "paper")
+# SmolLM2-135M answers about 30% of one-digit sums with this prompt at temperature 0.7 (12% at
+# 1.0, or with its default system prompt): inside the 20-60% band where RL has signal.
+CPU_SYSTEM_PROMPT = "Reply with the result of the arithmetic only, for example: 3 + 4 = 7"
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -22,27 +25,27 @@ def _cpu_default() -> ml_collections.ConfigDict:
   c.data = dict(
       source="reasoning_gym",  # reasoning_gym | files
       task="chain_sum",
-      task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
-      train_size=2000,
-      eval_size=64,
+      task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
+      train_size=96,
+      eval_size=96,
       seed=1,
-      answer_format="last_line",
+      answer_format="last_number",
       train_files=(),
       eval_files=(),
       dedupe_eval=True,
-      system_prompt="",
+      system_prompt=CPU_SYSTEM_PROMPT,
       enable_thinking=False,
       max_prompt_length=128,
       on_bad_row="error",
   )
-  c.rollout = dict(prompts_per_step=8, group_size=8, max_new_tokens=32, temperature=1.0,
+  c.rollout = dict(prompts_per_step=8, group_size=8, max_new_tokens=32, temperature=0.7,
                    top_k=0, top_p=1.0)
   c.objective = dict(switch_step=6, reset_optimizer=False, reset_reference=True,
                      marginal_bos_id=-1, aggregation="token-mean")
   c.optim = dict(learning_rate=1e-5, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999,
                  micro_batches=2)
   c.reward = dict(timeout_s=5.0, workers=2)
-  c.eval = dict(every=0, samples_per_problem=4, temperature=1.0, max_new_tokens=32,
+  c.eval = dict(every=0, samples_per_problem=4, temperature=0.7, max_new_tokens=32,
                 prompts_per_call=16, at_start=True, at_end=True)
   c.train = dict(steps=12, seed=0, checkpoint_every=4, keep_checkpoints=2, run_dir="runs/{name}",
                  export_hf=False, log_samples=2, log_both_spaces=True)

@@ -33,7 +33,7 @@ class RunLogger:
     self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and np.isfinite(value):
-        self._tb.add_scalar(key, value, step)
+        self._tb.add_scalar(key.replace("@", "_at_"), value, step)  # '@' is not a legal tag.
 
   def write_texts(self, step: int, tag: str, texts: list[str]) -> None:
     if self.active:

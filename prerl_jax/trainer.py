@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import time
 
 import jax
@@ -255,6 +256,7 @@ class Trainer:
       summary["export"] = export_hf(model, os.path.join(self.run_dir, "hf_export"),
                                     self.tokenizer)
     summary["skipped_updates"] = int(sharding.to_host(self.state.skipped))
+    summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return summary
 
   def close(self) -> None:
