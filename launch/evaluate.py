@@ -1,0 +1,67 @@
+"""Evaluates a model on a run config's eval sets: `python launch/evaluate.py --config=... [--json]`.
+
+k samples per problem (`--config.eval.samples_per_problem`) at `--config.eval.temperature`;
+prints mean@k and unbiased pass@k for k = 1, 2, 4, ... per dataset with behaviour metrics.
+`--checkpoint=DIR` evaluates the params of an orbax checkpoint of a run (a `checkpoints/N`
+directory, or the run directory for its latest complete step) instead of the base model.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+jax.config.config_with_absl()
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoints/N directory.")
+_JSON = flags.DEFINE_bool("json", False, "Print the results as JSON.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS["verbosity"].using_default_value:
+    logging.set_verbosity(logging.WARNING)
+  from prerl_jax import evaluation, trainer  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  step = 0
+  if _CHECKPOINT.value:
+    directory = os.path.abspath(_CHECKPOINT.value.rstrip("/"))
+    if os.path.basename(directory).isdigit():
+      run_dir, step = os.path.dirname(os.path.dirname(directory)), int(os.path.basename(directory))
+    else:
+      run_dir, step = directory, None
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+      sys.exit(f"evaluate.py: {_CHECKPOINT.value} is neither a run directory nor checkpoints/N")
+    with config.unlocked():
+      config.train.run_dir = os.path.join(run_dir, "eval")
+    run = trainer.Trainer(config)
+    run.checkpointer.close()
+    run.checkpointer = trainer.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    step = run.checkpointer.latest_step() if step is None else step
+    if step is None:
+      sys.exit(f"evaluate.py: no complete checkpoint under {run_dir}/checkpoints")
+    run.state, _ = run.checkpointer.restore(step, run.state)
+  else:
+    with config.unlocked():
+      config.train.run_dir = os.path.join(config.train.run_dir.format(name=config.name), "eval")
+    run = trainer.Trainer(config)
+  try:
+    results = run.evaluate(step)
+  finally:
+    run.close()
+  if _JSON.value:
+    print(json.dumps({"step": step, "results": evaluation.results_as_dicts(results)}, indent=2))
+  else:
+    print(f"step {step}\n{evaluation.format_table(results)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
