@@ -27,7 +27,7 @@ flags.mark_flag_as_required("config")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if flags.FLAGS["verbosity"].using_default_value:
+  if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv):
     logging.set_verbosity(logging.WARNING)
   from prerl_jax import evaluation, trainer  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value

@@ -90,7 +90,7 @@ def _parse_flags(argv):
 
 
 def main(argv):
-  if flags.FLAGS["verbosity"].using_default_value:
+  if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows it.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -154,3 +154,15 @@ def test_two_processes_give_the_params_of_one(model_dir, tmp_path):
     np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0, err_msg=name)
     assert np.mean(np.abs(got[name] - expected[name]) <= 1e-6) > 0.999, name
   assert _metrics(multi)[-1]["step"] == 2
+
+
+def test_evaluate_cli_reads_the_latest_checkpoint(model_dir, uninterrupted):
+  command = [sys.executable, os.path.join(run_fixtures.REPO_ROOT, "launch", "evaluate.py"),
+             "--config=configs/w_reinforce.py", f"--checkpoint={uninterrupted}", "--json",
+             *run_fixtures.tiny_run_overrides(model_dir, uninterrupted),
+             "--config.eval.samples_per_problem=2", "--config.eval.max_new_tokens=4"]
+  report = json.loads(_run(command).stdout)
+  assert report["step"] == 4
+  (result,) = report["results"]
+  assert result["samples_per_problem"] == 2 and result["num_problems"] >= 1
+  assert set(result["pass_at_k"]) == {"1", "2"}
