@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -36,6 +37,11 @@ def load_tokenizer(checkpoint: str) -> transformers.PreTrainedTokenizerBase:
     if os.path.isfile(os.path.join(cached, "tokenizer.json")):
       tokenizer = transformers.AutoTokenizer.from_pretrained(cached)
     else:
+      if importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError(
+            f"{checkpoint}: converting a GGUF tokenizer goes through transformers' GGUF reader, "
+            "which imports torch; install it with: pip install 'prerl_jax[gguf]' (the CPU "
+            "build is enough)")
       folder, name = os.path.split(os.path.abspath(checkpoint))
       tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
       staging = tempfile.mkdtemp(dir=_make_parent(cached))
