@@ -8,7 +8,6 @@ import argparse
 import time
 
 import jax
-import numpy as np
 import torch
 import transformers
 from flax import nnx

@@ -34,13 +34,12 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from prerl_jax import presets
+from prerl_jax import presets, run_config
 from prerl_jax import sampler as sampler_lib
 from prerl_jax import sharding, train_step
 from prerl_jax.model import CACHE_AXES, Decoder
 from prerl_jax.model_config import ModelConfig
 from prerl_jax.objective_config import CONDITIONAL, MARGINAL
-from prerl_jax.phases import get_schedule
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 GIB = 2**30
@@ -133,15 +132,6 @@ def _program_report(traced, num_devices: int) -> dict:
   }
 
 
-def _schedule(config: ml_collections.ConfigDict):
-  objective = config.objective
-  if objective.name == "dsrl":
-    return get_schedule("dsrl", switch_step=objective.switch_step,
-                        reset_optimizer=objective.reset_optimizer,
-                        reset_reference=objective.reset_reference)
-  return get_schedule(objective.name)
-
-
 def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -200,7 +190,7 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
   optim = config.optim
   optimizer = train_step.make_optimizer(optim.learning_rate, optim.weight_decay, optim.grad_clip,
                                         optim.b1, optim.b2)
-  schedule = _schedule(config)
+  schedule = run_config.schedule_of(config)
   with_reference = any(p.objective.kl_coef > 0 for p in schedule.phases)
   state = train_step.TrainState(
       params=abstract_params, opt_state=jax.eval_shape(optimizer.init, abstract_params),

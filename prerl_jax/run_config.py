@@ -7,6 +7,8 @@ top-level shortcuts (`steps=40,model=qwen3-4b`), in the style of big_vision.
 
 import ml_collections
 
+from prerl_jax.phases import Schedule, get_schedule
+
 OBJECTIVES = ("grpo", "nsr_prerl", "psr_prerl", "prerl", "nsr_rl", "psr_rl", "w_reinforce",
               "dsrl")
 PRESETS = ("cpu", "paper")
@@ -115,3 +117,13 @@ def make_config(objective: str, arg: str | None = None) -> ml_collections.Config
       raise ValueError(f"config argument: unknown key {key!r}; valid: {', '.join(SHORTCUTS)}")
     set_from_text(config, SHORTCUTS[key], value)
   return config
+
+
+def schedule_of(config: ml_collections.ConfigDict) -> Schedule:
+  """The phase schedule a run config's `objective` section names (DSRL with its switch)."""
+  objective = config.objective
+  if objective.name == "dsrl":
+    return get_schedule("dsrl", switch_step=objective.switch_step,
+                        reset_optimizer=objective.reset_optimizer,
+                        reset_reference=objective.reset_reference)
+  return get_schedule(objective.name)

@@ -12,17 +12,15 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
 
-from prerl_jax import behaviour, data_pipeline, evaluation, prompts, sharding
+from prerl_jax import behaviour, data_pipeline, evaluation, prompts, run_config, sharding
 from prerl_jax.checkpointing import Checkpointer
 from prerl_jax.export import export_hf
 from prerl_jax.loading import load_model
-from prerl_jax.phases import get_schedule
 from prerl_jax.run_logging import RunLogger, truncate_metrics_after
 from prerl_jax.sampler import Sampler, SamplingConfig, prompt_batch
 from prerl_jax.task_data import load_task_data
@@ -30,15 +28,6 @@ from prerl_jax.tokenizer import chat_turn_start_id
 from prerl_jax.train_step import enter_phase, init_train_state, make_optimizer, make_train_step
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _schedule(config: ml_collections.ConfigDict):
-  objective = config.objective
-  if objective.name == "dsrl":
-    return get_schedule("dsrl", switch_step=objective.switch_step,
-                        reset_optimizer=objective.reset_optimizer,
-                        reset_reference=objective.reset_reference)
-  return get_schedule(objective.name)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
@@ -70,7 +59,7 @@ class Trainer:
         model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,
         param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
     self.data = load_task_data(config.data, config.reward, REPO_ROOT)
-    self.schedule = _schedule(config)
+    self.schedule = run_config.schedule_of(config)
     self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,
                                     config.optim.grad_clip, config.optim.b1, config.optim.b2)
     kl_on = any(p.objective.kl_coef > 0 for p in self.schedule.phases)
