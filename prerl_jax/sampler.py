@@ -16,7 +16,6 @@ exactly the distribution sampled from. Greedy decoding records `log_softmax(logi
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -241,7 +240,7 @@ class Sampler:
       return
     rows = sharding.batch_sharding(mesh, 1, rules)
     prompts = sharding.batch_sharding(mesh, 2, rules)
-    self._batch_devices = math.prod(mesh.shape[axis] for axis in _axes(rows.spec[0]))
+    self._batch_devices = sharding.batch_devices(mesh, rules)
     self._program = jax.jit(
         program, static_argnums=static,
         in_shardings=(sharding.state_shardings(state, mesh, rules), prompts, prompts,
@@ -276,9 +275,3 @@ class Sampler:
   def num_compiled(self) -> int:
     """How many sampling programs have been compiled so far."""
     return self._program._cache_size()
-
-
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
