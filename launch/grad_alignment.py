@@ -1,8 +1,11 @@
 """Gradient alignment of log P(y) and log P(y|x) on sampled or given responses.
 
-python launch/grad_alignment.py [--model smollm2-135m] [--jsonl pairs.jsonl] [--json]
+python launch/grad_alignment.py [--model smollm2-135m] [--jsonl pairs.jsonl | --run_config cpu]
+    [--json]
 
-Without --jsonl, the model samples --samples_per_prompt responses to a few arithmetic questions.
+Without --jsonl, the model samples --samples_per_prompt responses to a few arithmetic questions,
+or, with --run_config PRESET, to the first --prompts training problems of that run config's task
+(with its system prompt: the base model on its own rollouts of the task it will be trained on).
 A JSONL row is {"prompt": user message, "response": assistant text}; the prompt gets the chat
 template, the response is tokenized as is. Paper (Qwen3-4B, AMC23): inner product positive for
 every sample, mean cosine 0.44.
@@ -16,11 +19,13 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
-from prerl_jax import grad_alignment  # noqa: E402
+from prerl_jax import grad_alignment, run_config  # noqa: E402
 from prerl_jax.loading import load_model  # noqa: E402
 from prerl_jax.prompts import PromptConfig, encode_prompt  # noqa: E402
+from prerl_jax.task_data import load_task_data  # noqa: E402
 from prerl_jax.tokenizer import chat_turn_start_id, stop_token_ids  # noqa: E402
 
 QUESTIONS = (
@@ -51,6 +56,20 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
   return pairs
 
 
+def question_prompts(tokenizer, args) -> list[list[int]]:
+  """Prompt ids of the built-in questions, or of a run config's first training problems."""
+  if not args.run_config:
+    return [encode_prompt(tokenizer, [{"role": "user", "content": q}], PromptConfig()).ids
+            for q in QUESTIONS]
+  config = run_config.make_config("grpo", args.run_config)
+  data = load_task_data(config.data, config.reward, REPO_ROOT)
+  try:
+    return [encode_prompt(tokenizer, problem.messages, data.prompt_config).ids
+            for problem in data.train[:args.prompts]]
+  finally:
+    data.close()
+
+
 def build_batch(model, tokenizer, args) -> dict:
   """Prompt and response arrays, from the JSONL file or sampled by the model."""
   pad = tokenizer.pad_token_id
@@ -64,8 +83,8 @@ def build_batch(model, tokenizer, args) -> dict:
     prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
     response_tokens, response_mask = grad_alignment.right_pad(responses, pad)
   else:
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], PromptConfig()).ids
-               for q in QUESTIONS for _ in range(args.samples_per_prompt)]
+    prompts = [ids for ids in question_prompts(tokenizer, args)
+               for _ in range(args.samples_per_prompt)]
     prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
     response_tokens, response_mask = grad_alignment.sample(
         model, prompt_tokens, prompt_mask, jax.random.key(args.seed),
@@ -81,6 +100,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="smollm2-135m", help="preset or checkpoint path")
   parser.add_argument("--jsonl", help="prompt/response pairs instead of sampling")
+  parser.add_argument("--run_config", help="sample on this run-config preset's task (cpu, ...)")
+  parser.add_argument("--prompts", type=int, default=8, help="problems used with --run_config")
   parser.add_argument("--samples_per_prompt", type=int, default=2)
   parser.add_argument("--max_new_tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=1.0,

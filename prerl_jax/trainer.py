@@ -46,6 +46,18 @@ def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> 
                        f"{optim.micro_batches})")
 
 
+def response_width(longest: int, max_new_tokens: int, smallest: int = 32) -> int:
+  """Response columns the update needs: the longest response rounded up to smallest * 2**i.
+
+  Capped at max_new_tokens, so a run compiles at most log2(max_new_tokens / smallest) + 1 update
+  programs, and an update never pays for the padding of a batch whose responses all ended early.
+  """
+  width = smallest
+  while width < longest:
+    width *= 2
+  return min(width, max_new_tokens)
+
+
 class Trainer:
   """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end."""
 
@@ -107,12 +119,21 @@ class Trainer:
       return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
     return generate
 
+  def _eval_sampling(self) -> SamplingConfig:
+    ev = self.config.eval
+    return dataclasses.replace(self.sampling, max_new_tokens=ev.max_new_tokens,
+                               temperature=ev.temperature)
+
+  def sample_responses(self, problems, n: int = 1, seed: int = 0) -> list[list[str]]:
+    """n responses to each problem from the current params, with the evaluation settings."""
+    generate = self._generate(self._eval_sampling(), jax.random.key(seed))
+    return generate([self._encode(p).ids for p in problems], n)
+
   def evaluate(self, step: int) -> list[evaluation.DatasetResult]:
     """Evaluates every eval set on the current params; logs `eval/<set>/...` at `step`."""
     ev = self.config.eval
-    sampling = dataclasses.replace(self.sampling, max_new_tokens=ev.max_new_tokens,
-                                   temperature=ev.temperature)
-    generate = self._generate(sampling, jax.random.key(self.config.train.seed + 10_000))
+    generate = self._generate(self._eval_sampling(),
+                              jax.random.key(self.config.train.seed + 10_000))
     results = []
     for name, problems in self.data.eval_sets:
       result = evaluation.evaluate_dataset(
@@ -132,7 +153,8 @@ class Trainer:
 
   # -- the loop -----------------------------------------------------------------------------
 
-  def _batches(self):
+  def batches(self):
+    """The resumable iterator of prompt batches for config.train.steps steps."""
     cfg = self.config
     steps_per_epoch = max(1, len(self.data.train) // cfg.rollout.prompts_per_step)
     epochs = -(-cfg.train.steps // steps_per_epoch)
@@ -176,12 +198,13 @@ class Trainer:
     rewards_N = np.asarray(scored.rewards, np.float32)
     times["time/score"] = time.perf_counter() - start
 
+    width = response_width(int(lengths_N.max()), out.tokens_NxM.shape[1])
     train_batch = sharding.shard_batch({
         "prompt_tokens": out.prompt_tokens_NxP,
         "prompt_mask": out.prompt_mask_NxP,
-        "response_tokens": out.tokens_NxM,
-        "response_mask": np.arange(out.tokens_NxM.shape[1]) < lengths_N[:, None],
-        "sampler_logp": out.logprobs_NxM,
+        "response_tokens": out.tokens_NxM[:, :width],
+        "response_mask": np.arange(width) < lengths_N[:, None],
+        "sampler_logp": out.logprobs_NxM[:, :width],
         "rewards": rewards_N,
     }, self.mesh)
     host = {
@@ -199,13 +222,32 @@ class Trainer:
     }
     return train_batch, host, texts
 
+  def train_step(self, step: int, batch) -> tuple[dict, list[str]]:
+    """One RL step on a prompt batch: sample, score, update by the phase of `step`.
+
+    Returns (metrics with `time/{sample,score,update,step}`, the decoded responses).
+    """
+    phase = self.schedule.phase_at(step)
+    if self.schedule.is_switch(step):
+      self.state = enter_phase(self.state, phase, self.optimizer)
+    train_batch, host, texts = self._rollout(batch, step)
+    start = time.perf_counter()
+    self.state, metrics = self._train_step_for(phase.objective)(self.state, train_batch)
+    metrics = sharding.to_host(metrics)
+    host["time/update"] = time.perf_counter() - start
+    host["time/step"] = host["time/sample"] + host["time/score"] + host["time/update"]
+    host["sample/tokens_per_s"] = host["sample/tokens"] / host["time/sample"]
+    host["phase"] = self.schedule.phases.index(phase)
+    host["objective"] = phase.objective.name
+    return {**host, **metrics}, texts
+
   def run(self) -> dict:
     """Trains for config.train.steps steps (resuming if possible); returns a summary."""
     cfg = self.config
     if self.logger.active:
       with open(os.path.join(self.run_dir, "config.json"), "w") as f:
         f.write(cfg.to_json_best_effort(indent=2))
-    iterator = self._batches()
+    iterator = self.batches()
     done = self._restore(iterator)
     summary = {"run_dir": self.run_dir, "resumed_from": done}
     if cfg.eval.at_start and done == 0:
@@ -213,23 +255,12 @@ class Trainer:
     progress = tqdm.tqdm(total=cfg.train.steps, initial=done, desc=cfg.name,
                          disable=not self.logger.active, dynamic_ncols=True)
     for step in range(done + 1, cfg.train.steps + 1):
-      phase = self.schedule.phase_at(step)
-      if self.schedule.is_switch(step):
-        self.state = enter_phase(self.state, phase, self.optimizer)
-      train_batch, host, texts = self._rollout(next(iterator), step)
-      start = time.perf_counter()
-      self.state, metrics = self._train_step_for(phase.objective)(self.state, train_batch)
-      metrics = sharding.to_host(metrics)
-      host["time/update"] = time.perf_counter() - start
-      step_time = host["time/sample"] + host["time/score"] + host["time/update"]
-      host["time/step"] = step_time
-      host["sample/tokens_per_s"] = host["sample/tokens"] / host["time/sample"]
-      host["phase"] = self.schedule.phases.index(phase)
-      host["objective"] = phase.objective.name
-      self.logger.write(step, {**host, **metrics})
+      metrics, texts = self.train_step(step, next(iterator))
+      self.logger.write(step, metrics)
       if cfg.train.log_samples:
         self.logger.write_texts(step, "samples", texts[:cfg.train.log_samples])
-      progress.set_postfix(objective=phase.objective.name, acc=f"{host['reward/accuracy']:.2f}",
+      progress.set_postfix(objective=metrics["objective"],
+                           acc=f"{metrics['reward/accuracy']:.2f}",
                            loss=f"{float(metrics['loss']):.4f}")
       progress.update()
       if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:

@@ -166,3 +166,11 @@ def test_evaluate_cli_reads_the_latest_checkpoint(model_dir, uninterrupted):
   (result,) = report["results"]
   assert result["samples_per_problem"] == 2 and result["num_problems"] >= 1
   assert set(result["pass_at_k"]) == {"1", "2"}
+
+
+@pytest.mark.parametrize("longest, max_new, width", [
+    (1, 128, 32), (32, 128, 32), (33, 128, 64), (64, 128, 64), (65, 128, 128), (128, 128, 128),
+    (10, 16, 16), (90, 96, 96)])
+def test_response_width_rounds_up_to_doublings_of_32_capped_at_max_new_tokens(longest, max_new,
+                                                                               width):
+  assert trainer.response_width(longest, max_new) == width
