@@ -67,7 +67,8 @@ def trl(args) -> dict:
   data = load_task_data(config.data, config.reward, REPO_ROOT)
   gguf = presets.smollm2_gguf_path()
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
+      os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32,
+      quantization_config=transformers.GgufConfig(dequantize=True))  # dense, so trainable
   tokenizer = load_tokenizer(gguf)
   rows = [{"prompt": prompts.with_system_prompt(p.messages, config.data.system_prompt),
            "index": i} for i, p in enumerate(data.train)]
@@ -98,7 +99,8 @@ def trl(args) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
         adam_beta1=0.9, adam_beta2=0.999, beta=0.0, loss_type="dapo", num_iterations=1,
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, seed=0, bf16=False, disable_dropout=True, dataloader_num_workers=0)
+        use_cpu=True, seed=0, bf16=False, disable_dropout=True, dataloader_num_workers=0,
+        gradient_checkpointing=False)  # TRL enables it by default; ours runs without remat
     timer = StepTimes()
     trainer = trl_lib.GRPOTrainer(model=model, reward_funcs=reward, args=grpo_args,
                                   train_dataset=datasets.Dataset.from_list(rows),
@@ -146,8 +148,9 @@ def parse(argv):
 
 def main(argv, as_json: bool = False):
   args = parse(argv)
-  passed = [a for a in argv if not a.startswith("--sides")]
-  results = {"setting": {k: v for k, v in vars(args).items() if k not in ("side", "result")}}
+  setting = {k: v for k, v in vars(args).items() if k not in ("side", "result", "sides")}
+  passed = [f"--{k}={v}" for k, v in setting.items()]
+  results = {"setting": setting}
   for side in args.sides.split(","):
     results[side] = run_side(side, passed)
   lines = []
