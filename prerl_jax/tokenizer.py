@@ -9,15 +9,15 @@ import tempfile
 
 import transformers
 
+from prerl_jax import caches
+
 
 def _cache_dir(checkpoint: str) -> str:
   """Where the tokenizer converted from a GGUF file is kept, keyed by the file's identity."""
   stat = os.stat(checkpoint)
   key = hashlib.sha256(f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
                        .encode()).hexdigest()[:16]
-  root = os.environ.get("PRERL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                        "prerl_jax"))
-  return os.path.join(root, "tokenizers", key)
+  return os.path.join(caches.cache_root(), "tokenizers", key)
 
 
 def _make_parent(path: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from prerl_jax import behaviour, data_pipeline, evaluation, prompts, run_config, sharding
+from prerl_jax import behaviour, caches, data_pipeline, evaluation, prompts, run_config, sharding
 from prerl_jax.checkpointing import Checkpointer
 from prerl_jax.export import export_hf
 from prerl_jax.loading import load_model
@@ -63,6 +63,8 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    if config.train.compilation_cache:
+      caches.enable_compilation_cache()
     self.run_dir = config.train.run_dir.format(name=config.name)
     self.mesh = sharding.make_mesh(**config.mesh)
     check_batch_sizes(config, sharding.batch_devices(self.mesh))
