@@ -18,6 +18,7 @@ import sys
 
 import jax
 import numpy as np
+from flax import nnx
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -25,8 +26,9 @@ sys.path.insert(0, REPO_ROOT)
 from prerl_jax import grad_alignment, run_config  # noqa: E402
 from prerl_jax.loading import load_model  # noqa: E402
 from prerl_jax.prompts import PromptConfig, encode_prompt  # noqa: E402
+from prerl_jax.sampler import Sampler, SamplingConfig, prompt_batch  # noqa: E402
 from prerl_jax.task_data import load_task_data  # noqa: E402
-from prerl_jax.tokenizer import chat_turn_start_id, stop_token_ids  # noqa: E402
+from prerl_jax.tokenizer import chat_turn_start_id  # noqa: E402
 
 QUESTIONS = (
     "What is 17 + 25?",
@@ -83,14 +85,13 @@ def build_batch(model, tokenizer, args) -> dict:
     prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
     response_tokens, response_mask = grad_alignment.right_pad(responses, pad)
   else:
-    prompts = [ids for ids in question_prompts(tokenizer, args)
-               for _ in range(args.samples_per_prompt)]
-    prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
-    response_tokens, response_mask = grad_alignment.sample(
-        model, prompt_tokens, prompt_mask, jax.random.key(args.seed),
-        max_new_tokens=args.max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-        temperature=args.temperature, pad_id=pad)
-    response_tokens, response_mask = np.asarray(response_tokens), np.asarray(response_mask)
+    config = SamplingConfig.from_tokenizer(
+        tokenizer, args.max_new_tokens, greedy=args.temperature == 0,
+        temperature=args.temperature or 1.0, n=args.samples_per_prompt)
+    tokens, mask = prompt_batch(question_prompts(tokenizer, args), config)
+    out = Sampler(model).sample(nnx.state(model), tokens, mask, jax.random.key(args.seed), config)
+    prompt_tokens, prompt_mask = np.asarray(out.prompt_tokens_NxP), np.asarray(out.prompt_mask_NxP)
+    response_tokens, response_mask = np.asarray(out.tokens_NxM), np.asarray(out.response_mask_NxM)
   return {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
           "response_tokens": response_tokens, "response_mask": response_mask}
 

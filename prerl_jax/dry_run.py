@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 from prerl_jax import presets, run_config
 from prerl_jax import sampler as sampler_lib
 from prerl_jax import sharding, train_step
+from prerl_jax.decode import block_shapes
 from prerl_jax.model import CACHE_AXES, Decoder
 from prerl_jax.model_config import ModelConfig
 from prerl_jax.objective_config import CONDITIONAL, MARGINAL
@@ -207,11 +208,15 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
       n=rollout.group_size)
   width = sampling.bucket(config.data.max_prompt_length)
   c = model_config
-  cache_shape = (c.num_layers, rows, c.num_kv_heads, width + rollout.max_new_tokens - 1,
-                 c.head_dim)
-  cache_sharding = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, cache_shape, mesh))
-  cache = {name: jax.ShapeDtypeStruct(cache_shape, c.compute_dtype, sharding=cache_sharding)
-           for name in ("k", "v")}
+
+  def cache_block(block_rows, slots):
+    return {name: jax.ShapeDtypeStruct(shape, c.compute_dtype, sharding=NamedSharding(
+        mesh, sharding.logical_to_spec(CACHE_AXES[name], shape, mesh)))
+            for name, shape in block_shapes(c, block_rows, slots).items()}
+
+  # Per layer: the prompt block (each prompt once) and the generated slots of every row.
+  cache = [cache_block(rollout.prompts_per_step, width),
+           cache_block(rows, rollout.max_new_tokens - 1)] * c.num_layers
   prompts = jax.ShapeDtypeStruct((rollout.prompts_per_step, width), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, 2))
   # Sampler.sample needs concrete prompts: its jitted program is traced directly instead.
@@ -219,7 +224,7 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
   sampler_traced = sample_program.trace(
       state.params, prompts, prompts.update(dtype=jnp.bool_),
       jax.ShapeDtypeStruct(state.rng.shape, state.rng.dtype, sharding=sharding.replicated(mesh)),
-      sampling, cache_sharding)
+      sampling)
   sampler_report = _program_report(sampler_traced, devices)
 
   bytes_ = {"params": per_device_bytes(state.params),

@@ -2,11 +2,8 @@
 
 The paper's first-order argument (PAPER.md section 6): a step along R * grad log P(y) moves
 log P(y|x) by eta * R * <grad log P(y), grad log P(y|x)>, so a positive inner product means a
-pre-train-space update moves the conditional the same way. Also a small greedy / temperature
-sampler (prefill + KV-cache decode) to get responses without the full sampler.
+pre-train-space update moves the conditional the same way.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from prerl_jax import scoring
-from prerl_jax.model import Decoder, init_kv_cache, positions_from_mask
+from prerl_jax.model import Decoder
 
 EARLY_TOKENS = 8  # The summary compares the first EARLY_TOKENS response tokens with the rest.
 
@@ -35,40 +32,6 @@ def right_pad(rows: list[list[int]], pad_id: int):
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
   return tokens, np.arange(width)[None] < np.array([len(r) for r in rows])[:, None]
-
-
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "stop_ids", "temperature"))
-def sample(model: Decoder, prompt_tokens_BxP, prompt_mask_BxP, key, *, max_new_tokens: int,
-           stop_ids: tuple[int, ...], temperature: float = 0.0, pad_id: int = 0):
-  """(response_tokens_BxN, response_mask_BxN): greedy (temperature 0) or sampled continuations.
-
-  A response ends after its first stop token (kept in the mask), else after max_new_tokens.
-  """
-  batch, prompt_len = prompt_tokens_BxP.shape
-  prompt_mask_BxP = prompt_mask_BxP.astype(bool)
-  cache = init_kv_cache(model.config, batch, prompt_len + max_new_tokens)
-  key_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((batch, max_new_tokens), bool)], 1)
-  hidden, cache = model(prompt_tokens_BxP, positions_from_mask(prompt_mask_BxP), key_mask_BxS,
-                        cache, 0)
-  lengths_B = jnp.sum(prompt_mask_BxP, axis=1)
-
-  def decode(carry, t):
-    logits_BxV, cache, done_B, key = carry
-    key, sub = jax.random.split(key)
-    if temperature == 0:
-      token_B = jnp.argmax(logits_BxV, axis=-1)
-    else:
-      token_B = jax.random.categorical(sub, logits_BxV / temperature)
-    token_B = jnp.where(done_B, pad_id, token_B).astype(jnp.int32)
-    valid_B = ~done_B
-    done_B = done_B | jnp.isin(token_B, jnp.asarray(stop_ids))
-    hidden, cache = model(token_B[:, None], (lengths_B + t)[:, None], key_mask_BxS, cache,
-                          prompt_len + t)
-    return (model.logits(hidden)[:, 0], cache, done_B, key), (token_B, valid_B)
-
-  carry = (model.logits(hidden[:, -1:])[:, 0], cache, jnp.zeros((batch,), bool), key)
-  _, (tokens_NxB, valid_NxB) = jax.lax.scan(decode, carry, jnp.arange(max_new_tokens))
-  return tokens_NxB.T, valid_NxB.T
 
 
 def alignment(model: Decoder, batch: dict, bos_id: int, temperature=1.0) -> dict[str, np.ndarray]:

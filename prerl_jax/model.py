@@ -1,7 +1,8 @@
-"""Flax NNX causal decoder for the Llama, Qwen2 and Qwen3 families, with an optional KV cache.
+"""Flax NNX causal decoder for the Llama, Qwen2 and Qwen3 families.
 
 Per-layer weights are stacked along a leading `layers` axis and the layers run under
-`lax.scan`, so compile time does not grow with depth. Every parameter carries its logical axis
+`lax.scan`, so compile time does not grow with depth. One-token decoding over a KV cache is in
+`prerl_jax.decode`; it shares `decoder_layer` with the full forward. Every parameter carries its logical axis
 names (`Param(..., logical_axes=...)`), which `prerl_jax.sharding` maps to mesh axes.
 """
 
@@ -29,7 +30,10 @@ LAYER_AXES = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+# Per-layer KV cache blocks (prerl_jax.decode). Keys are kept transposed (head_dim before slots)
+# so the score product contracts the second-minor axis of both operands, as the value product does.
+CACHE_AXES = {"k": ("batch", "kv_heads", "head_dim", "cache_length"),
+              "v": ("batch", "kv_heads", "cache_length", "head_dim")}
 
 
 def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,28 +65,44 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def init_kv_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-  """Zeroed KV cache {'k', 'v'}: [layers, batch, kv_heads, length, head_dim].
-
-  Heads come before slots so that decode attention reads each head's keys and values in place,
-  without transposing the cache.
-  """
-  shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-  dtype = dtype or config.compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-def _attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, allowed_BxTxS):
-  """Grouped-query attention with a boolean mask; softmax in float32."""
+def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
+  """Grouped-query attention with a boolean mask; scores and softmax in float32."""
   batch, length, num_heads, head_dim = q_BxTxNxH.shape
-  num_kv = k_BxKxSxH.shape[1]
+  num_kv = k_BxKxHxS.shape[1]
   q = q_BxTxNxH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-  scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BxKxSxH,
-                      preferred_element_type=jnp.float32) * head_dim**-0.5
-  scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.einsum("btkgh,bkhs->bkgts", q, k_BxKxHxS, preferred_element_type=jnp.float32)
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores * head_dim**-0.5,
+                     jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
   out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
   return out.reshape(batch, length, num_heads, head_dim)
+
+
+def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, positions_BxT, attend):
+  """One pre-norm decoder layer on one layer's weights `w` (in the compute dtype).
+
+  `attend(q_BxTxNxH, k_BxKxHxT, v_BxKxTxH)` does the attention for the new tokens' rotated
+  queries and keys (keys transposed, see CACHE_AXES) against whatever cache it keeps, and returns
+  (attended_BxTxNxH, aux); the layer returns (x_BxTxD, aux).
+  """
+  inv_freq = rope.inverse_frequencies(config)
+  h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
+  q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
+  k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
+  v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+  if config.attention_bias:
+    q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+  if config.qk_norm:
+    q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
+  q = rope.apply_rope(q, positions_BxT, inv_freq)
+  k = rope.apply_rope(k, positions_BxT, inv_freq)
+  attended, aux = attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  x = x_BxTxD + jnp.einsum("btnh,nhd->btd", attended, w["wo"])
+  h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
+  up = jnp.einsum("btd,df->btf", h, w["w_up"])
+  return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"]), aux
 
 
 class Decoder(nnx.Module):
@@ -109,71 +129,48 @@ class Decoder(nnx.Module):
     if not config.tie_word_embeddings:
       self.lm_head = param("lm_head", (config.hidden_size, config.vocab_size), ("embed", "vocab"))
 
-  def __call__(self, tokens_BxT, positions_BxT, key_mask_BxS, cache=None, cache_index=0):
-    """Runs the decoder over T new tokens.
+  def __call__(self, tokens_BxT, positions_BxT, key_mask_BxT, return_kv: bool = False):
+    """Runs the decoder over a batch of token sequences (causal attention, layers under scan).
 
     Args:
       tokens_BxT: token ids.
       positions_BxT: rotary positions of the tokens (explicit, so left padding and a restarted
         `[BOS] + response` layout both work).
-      key_mask_BxS: which key slots hold real tokens. Without a cache S == T; with a cache the
-        new tokens are written at slots `cache_index + arange(T)` and attention reads only the
-        first S cache slots (S may be less than the cache length, to skip slots not yet filled;
-        it must cover the new tokens' slots).
-      cache: optional KV cache from `init_kv_cache`.
-      cache_index: first cache slot of the new tokens (a scalar, shared by the batch).
+      key_mask_BxT: which tokens may be attended to; a token attends to the valid tokens at or
+        before it.
+      return_kv: also return every layer's keys [layers, B, kv_heads, head_dim, T] and values
+        [layers, B, kv_heads, T, head_dim] (the sampler's prefill).
 
     Returns:
-      (hidden_BxTxD after the final norm, updated cache or None). A query attends to key slots
-      at or before its own slot that `key_mask_BxS` marks valid.
+      (hidden_BxTxD after the final norm, (keys, values) or None).
     """
     config = self.config
-    dtype = config.compute_dtype
-    inv_freq = rope.inverse_frequencies(config)
-    length = tokens_BxT.shape[1]
-    query_slots = cache_index + jnp.arange(length)
-    key_slots = jnp.arange(key_mask_BxS.shape[1])
-    allowed_BxTxS = key_mask_BxS[:, None, :] & (key_slots[None, None, :]
-                                                <= query_slots[None, :, None])
-    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
+    slots = jnp.arange(tokens_BxT.shape[1])
+    allowed_BxTxT = key_mask_BxT[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(config.compute_dtype)
 
-    def layer(carry, scanned):
-      x, cache = carry
-      weights, index = scanned
-      w = jax.tree.map(lambda p: p.astype(dtype), weights)
-      h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-      q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-      k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
-      v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
-      if config.attention_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-      if config.qk_norm:
-        q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
-      q = rope.apply_rope(q, positions_BxT, inv_freq)
-      k = rope.apply_rope(k, positions_BxT, inv_freq).transpose(0, 2, 1, 3)
-      v = v.transpose(0, 2, 1, 3)
-      if cache is not None:
-        # The whole cache is a loop carry, updated in place at (layer, cache_index).
-        cache = {name: jax.lax.dynamic_update_slice(
-            cache[name], new[None].astype(cache[name].dtype), (index, 0, 0, cache_index, 0))
-                 for name, new in (("k", k), ("v", v))}
-        window = key_mask_BxS.shape[1]
-        k, v = (jax.lax.dynamic_slice_in_dim(cache[name][index], 0, window, axis=2)
-                for name in ("k", "v"))
-      attended = _attention(q, k.astype(dtype), v.astype(dtype), allowed_BxTxS)
-      x = x + jnp.einsum("btnh,nhd->btd", attended, w["wo"])
-      h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-      gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
-      up = jnp.einsum("btd,df->btf", h, w["w_up"])
-      x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"])
-      return (x, cache), None
+    def attend(q, k, v):
+      return attention(q, k, v, allowed_BxTxT), ((k, v) if return_kv else None)
+
+    def layer(x, weights):
+      w = jax.tree.map(lambda p: p.astype(config.compute_dtype), weights)
+      return decoder_layer(config, x, w, positions_BxT, attend)
 
     if config.remat:
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
     weights = {name: p[...] for name, p in self.layers.items()}
-    (x, cache), _ = jax.lax.scan(layer, (x, cache), (weights, jnp.arange(config.num_layers)))
-    return rms_norm(x, self.final_norm[...], config.rms_norm_eps), cache
+    x, kv = jax.lax.scan(layer, x, weights)
+    return rms_norm(x, self.final_norm[...], config.rms_norm_eps), kv
+
+  def layer_weights(self) -> list[dict]:
+    """Each layer's weights as separate arrays in the compute dtype (the decode loop's layout).
+
+    Indexing the stacked weights inside a scan makes XLA:CPU copy every layer's weights on every
+    decode step; taking them apart once, outside the loop, reads them in place.
+    """
+    dtype = self.config.compute_dtype
+    return [{name: p[...][i].astype(dtype) for name, p in self.layers.items()}
+            for i in range(self.config.num_layers)]
 
   def logits(self, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
     """Vocabulary logits (float32) of final hidden states."""

@@ -36,8 +36,9 @@ def test_state_bytes_per_device_match_the_sharding(report):
               + 2 * (64 // 4) * (96 // 2) * 3)  # w_gate, w_up, w_down
   assert report["bytes"]["params"] == elements * 4 == 40192
   assert report["bytes"]["opt_state"] == 2 * 40192 + 4  # Adam moments and the int32 count.
-  # k and v: 2 layers x 32 rows / 4 x 1 kv head x (64 + 16 - 1) slots x 16, float32.
-  assert report["bytes"]["kv_cache"] == 2 * 2 * 8 * 1 * 79 * 16 * 4
+  # k and v of 2 layers: the prompt block (8 prompts / 4 x 1 kv head x 64 slots x 16) and the
+  # generated block (32 rows / 4 x 1 kv head x (16 - 1) slots x 16), float32.
+  assert report["bytes"]["kv_cache"] == 2 * 2 * (2 * 64 + 8 * 15) * 16 * 4
   assert report["sampler"]["peak_bytes"] >= report["bytes"]["kv_cache"]
   assert sum(report["train_steps"][0]["collectives"].values()) > 0
   assert "DOES NOT FIT" not in dry_run.format_report(report)

@@ -14,7 +14,7 @@ from prerl_jax import sharding
 from prerl_jax.loading import load_model
 from prerl_jax.model import positions_from_mask
 from prerl_jax.presets import smollm2_gguf_path
-from prerl_jax.sampler import Sampler, SamplingConfig, prompt_batch
+from prerl_jax.sampler import Sampler, SamplingConfig, _categorical, prompt_batch
 
 STOP = tiny_models.TINY_SHAPE["eos_token_id"]
 PAD = tiny_models.TINY_SHAPE["pad_token_id"]
@@ -116,6 +116,31 @@ def test_logprobs_match_teacher_forcing_with_groups(tiny):
   assert np.abs(np.asarray(out.logprobs_NxM) - expected)[response].max() <= 1e-4
   assert np.all(np.asarray(out.logprobs_NxM)[~response] == 0)
   assert len({tuple(r) for r in np.asarray(out.tokens_NxM)[:3]}) > 1  # The group differs.
+
+
+def test_multi_segment_decode_matches_teacher_forcing(tiny):
+  """140 new tokens run as 2 decode segments (2 generated cache blocks after the prompt's)."""
+  _, model = tiny["llama"]
+  config = SamplingConfig(max_new_tokens=140, pad_id=PAD, temperature=1.0, n=2,
+                          prompt_buckets=BUCKETS)
+  tokens, mask = prompt_batch(_prompts((5, 9)), config)
+  out = Sampler(model).sample(nnx.state(model), tokens, mask, jax.random.key(4), config)
+  assert np.asarray(out.lengths_N).tolist() == [140] * 4
+  expected = _gather(_teacher_forced_logp(model, out, 1.0), out.tokens_NxM)
+  assert np.abs(np.asarray(out.logprobs_NxM) - expected).max() <= 1e-4
+
+
+def test_blockwise_draws_follow_softmax():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 700)).astype(np.float32) * 2  # Not a multiple of the block.
+  logits[1, 5:] = -np.inf
+  keys = jax.random.split(jax.random.key(0), 200_000)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: _categorical(k, jnp.asarray(logits))))(keys))
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  for row in range(3):
+    frequency = np.bincount(draws[:, row], minlength=700) / len(keys)
+    assert np.abs(frequency - probs[row]).max() < 0.005  # 5 standard errors at p = 0.8.
+    assert frequency[probs[row] == 0].sum() == 0
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.5)])
