@@ -191,11 +191,16 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
   def constrain(name, array):
     if mesh is None:
       return array
-    spec = sharding.logical_to_spec(CACHE_AXES[name], array.shape, mesh, rules)
+    axes = ("layers",) * (array.ndim - 4) + CACHE_AXES[name]
+    spec = sharding.logical_to_spec(axes, array.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(array, NamedSharding(mesh, spec))
 
   hidden_BxPxD, (keys, values) = model(prompt_tokens_BxP, positions_from_mask(prompt_mask_BxP),
                                        prompt_mask_BxP, return_kv=True)
+  # Batch-sharded prefill keys and values keep the prefill itself split over the batch (without
+  # this the partitioner replicated the prefill activations: 17 GiB more per device for
+  # Qwen3-4B on 64 devices in the dry run).
+  keys, values = constrain("k", keys), constrain("v", values)
   last_logits_BxV = model.logits(hidden_BxPxD[:, -1:])[:, 0]
   # The prompt block of every layer: each prompt once, shared by its n samples.
   prompt_blocks = [(constrain("k", keys[i]), constrain("v", values[i]), prompt_mask_BxP)
