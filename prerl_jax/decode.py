@@ -46,6 +46,9 @@ def block_attention(q_NxTxNHxH, blocks):
   maxima, sums, outs = [], [], []
   for keys, values, mask in blocks:
     groups = keys.shape[0]
+    # Per-row blocks take 4-D products: with the 5-D grouped form (unit group axis) XLA:CPU laid
+    # the scores out transposed; on SmolLM2 at 64 rows the per-row scores took 54 ms per step
+    # then, 22 ms after this and the per-block softmax (changed together).
     if groups == rows:
       scores = jnp.einsum("nkgh,nkhc->nkgc", q_NxKxGxH, keys, preferred_element_type=jnp.float32)
     else:

@@ -2,8 +2,8 @@
 
 Per-layer weights are stacked along a leading `layers` axis and the layers run under
 `lax.scan`, so compile time does not grow with depth. One-token decoding over a KV cache is in
-`prerl_jax.decode`; it shares `decoder_layer` with the full forward. Every parameter carries its logical axis
-names (`Param(..., logical_axes=...)`), which `prerl_jax.sharding` maps to mesh axes.
+`prerl_jax.decode`; it shares `decoder_layer` with the full forward. Every parameter carries its
+logical axis names (`Param(..., logical_axes=...)`), which `prerl_jax.sharding` maps to mesh axes.
 """
 
 import jax

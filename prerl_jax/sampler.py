@@ -203,8 +203,7 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
   keys, values = constrain("k", keys), constrain("v", values)
   last_logits_BxV = model.logits(hidden_BxPxD[:, -1:])[:, 0]
   # The prompt block of every layer: each prompt once, shared by its n samples.
-  prompt_blocks = [(constrain("k", keys[i]), constrain("v", values[i]), prompt_mask_BxP)
-                   for i in range(model.config.num_layers)]
+  prompt_blocks = [(keys[i], values[i], prompt_mask_BxP) for i in range(model.config.num_layers)]
   layer_weights = model.layer_weights()
 
   repeat = lambda x: jnp.repeat(x, n, axis=0)
