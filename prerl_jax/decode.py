@@ -79,8 +79,10 @@ def block_attention(q_NxTxNHxH, blocks):
 
 
 def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], tokens_N,
-                positions_N, offset):
+                rotation, offset):
   """Hidden states [N, 1, D] of one new token per row, and the cache with its keys and values.
+
+  `rotation` is `rope.rotation(positions_Nx1, ...)` of the new tokens.
 
   Each layer writes the token's keys and values at slot `offset` of its last block (whose mask
   must mark the slots up to `offset` valid) and attends over all of its blocks.
@@ -97,6 +99,6 @@ def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], to
       blocks = blocks[:-1] + [(last_k, last_v, last_mask)]
       return block_attention(q, blocks), blocks
 
-    x, blocks = decoder_layer(config, x, w, positions_N[:, None], attend)
+    x, blocks = decoder_layer(config, x, w, rotation, attend)
     new_cache.append(blocks)
   return rms_norm(x, model.final_norm[...], config.rms_norm_eps), new_cache

@@ -78,14 +78,15 @@ def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
   return out.reshape(batch, length, num_heads, head_dim)
 
 
-def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, positions_BxT, attend):
+def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend):
   """One pre-norm decoder layer on one layer's weights `w` (in the compute dtype).
+
+  `rotation` is `rope.rotation(positions_BxT, ...)` of the layer's tokens.
 
   `attend(q_BxTxNxH, k_BxKxHxT, v_BxKxTxH)` does the attention for the new tokens' rotated
   queries and keys (keys transposed, see CACHE_AXES) against whatever cache it keeps, and returns
   (attended_BxTxNxH, aux); the layer returns (x_BxTxD, aux).
   """
-  inv_freq = rope.inverse_frequencies(config)
   h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
   q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
   k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
@@ -95,8 +96,8 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, positions_BxT, attend):
   if config.qk_norm:
     q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
     k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
-  q = rope.apply_rope(q, positions_BxT, inv_freq)
-  k = rope.apply_rope(k, positions_BxT, inv_freq)
+  q = rope.apply_rotation(q, rotation)
+  k = rope.apply_rotation(k, rotation)
   attended, aux = attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
   x = x_BxTxD + jnp.einsum("btnh,nhd->btd", attended, w["wo"])
   h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
@@ -148,13 +149,14 @@ class Decoder(nnx.Module):
     slots = jnp.arange(tokens_BxT.shape[1])
     allowed_BxTxT = key_mask_BxT[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(config.compute_dtype)
+    rotation = rope.rotation(positions_BxT, rope.inverse_frequencies(config))
 
     def attend(q, k, v):
       return attention(q, k, v, allowed_BxTxT), ((k, v) if return_kv else None)
 
     def layer(x, weights):
       w = jax.tree.map(lambda p: p.astype(config.compute_dtype), weights)
-      return decoder_layer(config, x, w, positions_BxT, attend)
+      return decoder_layer(config, x, w, rotation, attend)
 
     if config.remat:
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)

@@ -28,12 +28,21 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def apply_rope(x_BxTxNxH: jnp.ndarray, positions_BxT: jnp.ndarray,
-               inv_freq: np.ndarray) -> jnp.ndarray:
-  """Rotates query or key heads by their positions (float32 angles, result in x's dtype)."""
+def rotation(positions_BxT: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(cos, sin) [B, T, 1, head_dim // 2] of the tokens' rotary angles (float32).
+
+  Computed once per forward or decode step and shared by every layer's queries and keys: when
+  each layer computed its own, XLA:CPU re-evaluated sin and cos inside each consumer fusion
+  (three per layer in the decode step).
+  """
   angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-  cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
-  sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+  return jnp.cos(angles_BxTxH2)[:, :, None, :], jnp.sin(angles_BxTxH2)[:, :, None, :]
+
+
+def apply_rotation(x_BxTxNxH: jnp.ndarray, rotation: tuple[jnp.ndarray, jnp.ndarray]
+                   ) -> jnp.ndarray:
+  """Rotates query or key heads by a `rotation(...)` (float32 math, result in x's dtype)."""
+  cos, sin = rotation
   x = x_BxTxNxH.astype(jnp.float32)
   first, second = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

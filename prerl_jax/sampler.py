@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
-from prerl_jax import sharding
+from prerl_jax import rope, sharding
 from prerl_jax.decode import block_shapes, decode_step
 from prerl_jax.model import CACHE_AXES, Decoder, positions_from_mask
 from prerl_jax.tokenizer import stop_token_ids
@@ -208,6 +208,10 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
 
   repeat = lambda x: jnp.repeat(x, n, axis=0)
   prompt_lengths_N = repeat(prompt_mask_BxP.sum(axis=1, dtype=jnp.int32))
+  # Rotary angles of every decode step's token, computed once (step t >= 1 feeds position
+  # prompt_length + t - 1); a step slices its column.
+  rotations = rope.rotation(prompt_lengths_N[:, None] + jnp.arange(max_new) - 1,
+                            rope.inverse_frequencies(model.config))
   stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
 
   def emit(step, logits_NxV, carry):
@@ -242,8 +246,8 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
       offset = step - first_step
       filled_C = jnp.arange(width) <= offset
       cache = [blocks + [(k, v, filled_C)] for blocks, (k, v) in zip(earlier_blocks, block)]
-      hidden_Nx1xD, cache = decode_step(model, layer_weights, cache, token_N,
-                                        prompt_lengths_N + step - 1, offset)
+      rotation = tuple(jax.lax.dynamic_slice_in_dim(r, step, 1, axis=1) for r in rotations)
+      hidden_Nx1xD, cache = decode_step(model, layer_weights, cache, token_N, rotation, offset)
       block = [blocks[-1][:2] for blocks in cache]
       token_N, outputs = emit(step, model.logits(hidden_Nx1xD)[:, 0], outputs)
       return step + 1, token_N, block, outputs

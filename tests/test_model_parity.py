@@ -7,6 +7,7 @@ import pytest
 import tiny_models
 from prerl_jax.loading import load_model
 from prerl_jax.decode import decode_step
+from prerl_jax import rope
 from prerl_jax.model import positions_from_mask
 
 
@@ -47,12 +48,14 @@ def test_block_cache_decode_matches_full_forward(tmp_path):
             jnp.zeros((rows, c.num_kv_heads, steps, c.head_dim)))] * c.num_layers
   positions = np.asarray(positions_from_mask(jnp.asarray(full_mask)))[:, prompt_tokens.shape[1]:]
   layer_weights = model.layer_weights()
+  inv_freq = rope.inverse_frequencies(c)
   stepwise = [np.repeat(np.asarray(model.logits(hidden[:, -1:])), n, 0)]
   for offset in range(steps):
     cache = [[(keys[i], values[i], jnp.asarray(prompt_mask)),
               block[i] + (jnp.arange(steps) <= offset,)] for i in range(c.num_layers)]
+    rotation = rope.rotation(jnp.asarray(positions[:, offset:offset + 1]), inv_freq)
     hidden, cache = decode_step(model, layer_weights, cache, jnp.asarray(continuation[:, offset]),
-                                jnp.asarray(positions[:, offset]), offset)
+                                rotation, offset)
     block = [blocks[-1][:2] for blocks in cache]
     stepwise.append(np.asarray(model.logits(hidden)))
   stepwise = np.concatenate(stepwise, axis=1)[:, :steps]  # Predictions of continuation tokens.
