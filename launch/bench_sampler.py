@@ -1,13 +1,16 @@
 """Sampler benchmark: SmolLM2-135M, 8 prompts x 8 samples, 256 new tokens; ours vs transformers.
 
 Also reports the roofline of one decode step, max(weight bytes / memory bandwidth, FLOPs / matmul
-peak), with bandwidth and peak measured in the same run (launch/bench_common.py).
+peak), with bandwidth and peak measured in the same run (launch/bench_common.py), and the time of
+one decode step's weight matmuls alone at the decode batch (`_decode_matmuls_s`): what this
+backend's matmuls cost at those shapes, before attention, norms and sampling.
 """
 
 import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import torch
 import transformers
 from flax import nnx
@@ -54,6 +57,25 @@ def _decode_step_roofline(config, rows: int, context: float, flops_peak: float,
           "compute_s": (matmul_flops + attention_flops) / flops_peak}
 
 
+def _decode_matmuls_s(model, rows: int) -> float:
+  """Best seconds of one decode step's weight matmuls alone (all layers and the logits), as one
+  jitted chain over the model's weights at `rows` rows, each product feeding the next."""
+
+  def matmuls(x_NxD, layer_weights):
+    for w in layer_weights:
+      q = jnp.einsum("nd,dah->nah", x_NxD, w["wq"])
+      kv = jnp.einsum("nd,dkh->nkh", x_NxD, w["wk"]) + jnp.einsum("nd,dkh->nkh", x_NxD, w["wv"])
+      x_NxD = x_NxD + jnp.einsum("nah,ahd->nd", q + jnp.mean(kv), w["wo"])
+      gate = jnp.einsum("nd,df->nf", x_NxD, w["w_gate"])
+      gated = gate * jnp.einsum("nd,df->nf", x_NxD, w["w_up"])
+      x_NxD = x_NxD + jnp.einsum("nf,fd->nd", gated, w["w_down"])
+      x_NxD = x_NxD * jax.lax.rsqrt(jnp.mean(x_NxD * x_NxD))  # Keeps the chain finite.
+    return model.logits(x_NxD[:, None])
+
+  x_NxD = jax.random.normal(jax.random.key(0), (rows, model.config.hidden_size))
+  return bench_common.time_call(jax.jit(matmuls), x_NxD, model.layer_weights(), repeats=5)
+
+
 def main(argv, as_json: bool):
   parser = argparse.ArgumentParser(prog="benchmark.py sampler")
   parser.add_argument("--prompts", type=int, default=8)
@@ -89,7 +111,10 @@ def main(argv, as_json: bool):
   roofline = _decode_step_roofline(model.config, rows, tokens.shape[1] + args.new_tokens / 2,
                                    flops_peak, bandwidth)
   step_s = max(roofline["memory_s"], roofline["compute_s"])
-  results.update(matmul_peak_flops=flops_peak, memory_bandwidth=bandwidth,
+  matmuls_s = _decode_matmuls_s(model, rows)
+  results.update(decode_matmuls_s=matmuls_s, decode_matmuls_tokens_per_s=rows / matmuls_s,
+                 fraction_of_decode_matmuls=generated / ours_s / (rows / matmuls_s),
+                 matmul_peak_flops=flops_peak, memory_bandwidth=bandwidth,
                  roofline_step_s=step_s, roofline_tokens_per_s=rows / step_s,
                  fraction_of_roofline=generated / ours_s / (rows / step_s),
                  **{f"roofline_{k}": v for k, v in roofline.items()})
@@ -121,6 +146,9 @@ def main(argv, as_json: bool):
       f"{1e3 * roofline['memory_s']:.1f} ms memory at {bandwidth / 1e9:.1f} GB/s, "
       f"{1e3 * roofline['compute_s']:.1f} ms compute at {flops_peak / 1e9:.0f} GFLOP/s); "
       f"ours is {100 * results['fraction_of_roofline']:.0f}% of it",
+      f"  matmuls only: {results['decode_matmuls_tokens_per_s']:8.1f} tokens/s (one step's weight "
+      f"matmuls alone at {rows} rows: {1e3 * matmuls_s:.1f} ms); ours is "
+      f"{100 * results['fraction_of_decode_matmuls']:.0f}% of it",
   ]
   if "transformers_s" in results:
     lines.append(f"  transformers: {results['transformers_tokens_per_s']:8.1f} tokens/s "
