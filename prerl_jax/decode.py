@@ -46,31 +46,27 @@ def block_attention(q_NxTxNHxH, blocks):
   maxima, sums, outs = [], [], []
   for keys, values, mask in blocks:
     groups = keys.shape[0]
-    # Per-row blocks take 4-D products: with the 5-D grouped form (unit group axis) XLA:CPU laid
-    # the scores out transposed; on SmolLM2 at 64 rows the per-row scores took 54 ms per step
-    # then, 22 ms after this and the per-block softmax (changed together).
     if groups == rows:
-      scores = jnp.einsum("nkgh,nkhc->nkgc", q_NxKxGxH, keys, preferred_element_type=jnp.float32)
+      q_AxKxQxH, to_rows = q_NxKxGxH, lambda x: x
     else:
-      q = q_NxKxGxH.reshape(groups, rows // groups, *q_NxKxGxH.shape[1:])
-      scores = jnp.einsum("bnkgh,bkhc->bnkgc", q, keys, preferred_element_type=jnp.float32)
-      scores = scores.reshape(rows, *scores.shape[2:])
-      mask = jnp.repeat(mask, rows // groups, axis=0) if mask.ndim == 2 else mask
+      # The queries of a group's rows, all of its kv head's query heads, as one matrix per
+      # (group, kv head): products of [n * G, H] by [H, C] instead of n * G row-vector products
+      # (9.0 vs 13.5 ms per SmolLM2 decode step for a 64-slot prompt block).
+      split = lambda x: x.reshape(groups, rows // groups, num_kv, -1, x.shape[-1])
+      q_AxKxQxH = split(q_NxKxGxH).transpose(0, 2, 1, 3, 4).reshape(groups, num_kv, -1, head_dim)
+      to_rows = lambda x: (x.reshape(groups, num_kv, rows // groups, -1, x.shape[-1])
+                           .transpose(0, 2, 1, 3, 4).reshape(rows, num_kv, -1, x.shape[-1]))
+    scores = jnp.einsum("akqh,akhc->akqc", q_AxKxQxH, keys, preferred_element_type=jnp.float32)
     mask = mask[:, None, None, :] if mask.ndim == 2 else mask
     scores = jnp.where(mask, scores * head_dim**-0.5, -jnp.inf)
     maximum = jnp.max(scores, axis=-1, keepdims=True)
     maximum = jnp.where(jnp.isfinite(maximum), maximum, 0.0)  # A block with no valid slot.
     weights = jnp.exp(scores - maximum)
-    if groups == rows:
-      out = jnp.einsum("nkgc,nkch->nkgh", weights.astype(values.dtype), values,
-                       preferred_element_type=jnp.float32)
-    else:
-      w = weights.reshape(groups, rows // groups, *weights.shape[1:]).astype(values.dtype)
-      out = jnp.einsum("bnkgc,bkch->bnkgh", w, values, preferred_element_type=jnp.float32)
-      out = out.reshape(rows, *out.shape[2:])
-    maxima.append(maximum)
-    sums.append(jnp.sum(weights, axis=-1, keepdims=True))
-    outs.append(out)
+    out = jnp.einsum("akqc,akch->akqh", weights.astype(values.dtype), values,
+                     preferred_element_type=jnp.float32)
+    maxima.append(to_rows(maximum))
+    sums.append(to_rows(jnp.sum(weights, axis=-1, keepdims=True)))
+    outs.append(to_rows(out))
   overall = functools.reduce(jnp.maximum, maxima)
   scales = [jnp.exp(m - overall) for m in maxima]
   total = sum(s * l for s, l in zip(scales, sums))
