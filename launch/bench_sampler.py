@@ -65,7 +65,8 @@ def _decode_matmuls_s(model, rows: int) -> float:
     for w in layer_weights:
       q = jnp.einsum("nd,dah->nah", x_NxD, w["wq"])
       kv = jnp.einsum("nd,dkh->nkh", x_NxD, w["wk"]) + jnp.einsum("nd,dkh->nkh", x_NxD, w["wv"])
-      x_NxD = x_NxD + jnp.einsum("nah,ahd->nd", q + jnp.mean(kv), w["wo"])
+      heads_NxF = (q + jnp.mean(kv)).reshape(rows, -1)  # Merged heads, as in decoder_layer.
+      x_NxD = x_NxD + jnp.einsum("nf,fd->nd", heads_NxF, w["wo"].reshape(-1, w["wo"].shape[-1]))
       gate = jnp.einsum("nd,df->nf", x_NxD, w["w_gate"])
       gated = gate * jnp.einsum("nd,df->nf", x_NxD, w["w_up"])
       x_NxD = x_NxD + jnp.einsum("nf,fd->nd", gated, w["w_down"])

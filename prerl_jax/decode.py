@@ -52,8 +52,8 @@ def block_attention(q_NxTxNHxH, blocks):
       # The queries of a group's rows, all of its kv head's query heads, as one matrix per
       # (group, kv head): products of [n * G, H] by [H, C] instead of n * G row-vector products
       # (9.0 vs 13.5 ms per SmolLM2 decode step for a 64-slot prompt block).
-      split = lambda x: x.reshape(groups, rows // groups, num_kv, -1, x.shape[-1])
-      q_AxKxQxH = split(q_NxKxGxH).transpose(0, 2, 1, 3, 4).reshape(groups, num_kv, -1, head_dim)
+      q_AxKxQxH = (q_NxKxGxH.reshape(groups, rows // groups, *q_NxKxGxH.shape[1:])
+                   .transpose(0, 2, 1, 3, 4).reshape(groups, num_kv, -1, head_dim))
       to_rows = lambda x: (x.reshape(groups, num_kv, rows // groups, -1, x.shape[-1])
                            .transpose(0, 2, 1, 3, 4).reshape(rows, num_kv, -1, x.shape[-1]))
     scores = jnp.einsum("akqh,akhc->akqc", q_AxKxQxH, keys, preferred_element_type=jnp.float32)
