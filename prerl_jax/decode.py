@@ -18,7 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from prerl_jax.model import Decoder, decoder_layer, rms_norm
+from jax.sharding import Mesh, NamedSharding
+
+from prerl_jax import sharding
+from prerl_jax.model import CACHE_AXES, Decoder, decoder_layer
 from prerl_jax.model_config import ModelConfig
 
 
@@ -27,6 +30,13 @@ def block_shapes(config: ModelConfig, rows: int, slots: int) -> dict[str, tuple[
   c = config
   return {"k": (rows, c.num_kv_heads, c.head_dim, slots),
           "v": (rows, c.num_kv_heads, slots, c.head_dim)}
+
+
+def block_sharding(name: str, shape, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a cache array `name` ("k" or "v", see CACHE_AXES) of this shape; axes before
+  the block's four are stacked layers (the prefill's keys and values)."""
+  axes = ("layers",) * (len(shape) - 4) + CACHE_AXES[name]
+  return NamedSharding(mesh, sharding.logical_to_spec(axes, shape, mesh, rules))
 
 
 def block_attention(q_NxTxNHxH, blocks):
@@ -83,8 +93,7 @@ def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], to
   Each layer writes the token's keys and values at slot `offset` of its last block (whose mask
   must mark the slots up to `offset` valid) and attends over all of its blocks.
   """
-  config = model.config
-  x = jnp.take(model.embed[...], tokens_N[:, None], axis=0).astype(config.compute_dtype)
+  x = model.embed_tokens(tokens_N[:, None])
   new_cache = []
   for w, blocks in zip(layer_weights, cache):
 
@@ -95,6 +104,6 @@ def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], to
       blocks = blocks[:-1] + [(last_k, last_v, last_mask)]
       return block_attention(q, blocks), blocks
 
-    x, blocks = decoder_layer(config, x, w, rotation, attend)
+    x, blocks = decoder_layer(model.config, x, w, rotation, attend)
     new_cache.append(blocks)
-  return rms_norm(x, model.final_norm[...], config.rms_norm_eps), new_cache
+  return model.normalize_output(x), new_cache

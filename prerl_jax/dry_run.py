@@ -32,13 +32,12 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from prerl_jax import presets, run_config
 from prerl_jax import sampler as sampler_lib
 from prerl_jax import sharding, train_step
-from prerl_jax.decode import block_shapes
-from prerl_jax.model import CACHE_AXES, Decoder
+from prerl_jax.decode import block_shapes, block_sharding
+from prerl_jax.model import Decoder
 from prerl_jax.model_config import ModelConfig
 from prerl_jax.objective_config import CONDITIONAL, MARGINAL
 
@@ -210,8 +209,8 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
   c = model_config
 
   def cache_block(block_rows, slots):
-    return {name: jax.ShapeDtypeStruct(shape, c.compute_dtype, sharding=NamedSharding(
-        mesh, sharding.logical_to_spec(CACHE_AXES[name], shape, mesh)))
+    return {name: jax.ShapeDtypeStruct(shape, c.compute_dtype,
+                                       sharding=block_sharding(name, shape, mesh))
             for name, shape in block_shapes(c, block_rows, slots).items()}
 
   # Per layer: the prompt block (each prompt once) and the generated slots of every row.

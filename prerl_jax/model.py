@@ -151,7 +151,7 @@ class Decoder(nnx.Module):
     config = self.config
     slots = jnp.arange(tokens_BxT.shape[1])
     allowed_BxTxT = key_mask_BxT[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
-    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(config.compute_dtype)
+    x = self.embed_tokens(tokens_BxT)
     rotation = rope.rotation(positions_BxT, rope.inverse_frequencies(config))
 
     def attend(q, k, v):
@@ -165,7 +165,15 @@ class Decoder(nnx.Module):
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
     weights = {name: p[...] for name, p in self.layers.items()}
     x, kv = jax.lax.scan(layer, x, weights)
-    return rms_norm(x, self.final_norm[...], config.rms_norm_eps), kv
+    return self.normalize_output(x), kv
+
+  def embed_tokens(self, tokens_BxT) -> jnp.ndarray:
+    """Token embeddings [B, T, D] in the compute dtype (the input of the first layer)."""
+    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.config.compute_dtype)
+
+  def normalize_output(self, x_BxTxD) -> jnp.ndarray:
+    """The final norm applied to the last layer's output (the input of `logits`)."""
+    return rms_norm(x_BxTxD, self.final_norm[...], self.config.rms_norm_eps)
 
   def layer_weights(self) -> list[dict]:
     """Each layer's weights as separate arrays in the compute dtype (the decode loop's layout).

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from prerl_jax import rope, sharding
-from prerl_jax.decode import block_shapes, decode_step
-from prerl_jax.model import CACHE_AXES, Decoder, positions_from_mask
+from prerl_jax.decode import block_shapes, block_sharding, decode_step
+from prerl_jax.model import Decoder, positions_from_mask
 from prerl_jax.tokenizer import stop_token_ids
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -191,9 +191,7 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
   def constrain(name, array):
     if mesh is None:
       return array
-    axes = ("layers",) * (array.ndim - 4) + CACHE_AXES[name]
-    spec = sharding.logical_to_spec(axes, array.shape, mesh, rules)
-    return jax.lax.with_sharding_constraint(array, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(array, block_sharding(name, array.shape, mesh, rules))
 
   hidden_BxPxD, (keys, values) = model(prompt_tokens_BxP, positions_from_mask(prompt_mask_BxP),
                                        prompt_mask_BxP, return_kv=True)
