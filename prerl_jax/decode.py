@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import Mesh, NamedSharding
 
 from prerl_jax import sharding
