@@ -84,13 +84,14 @@ def block_attention(q_NxTxNHxH, blocks):
 
 
 def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], tokens_N,
-                rotation, offset):
+                rotation, offset, attention=block_attention):
   """Hidden states [N, 1, D] of one new token per row, and the cache with its keys and values.
 
   `rotation` is `rope.rotation(positions_Nx1, ...)` of the new tokens.
 
   Each layer writes the token's keys and values at slot `offset` of its last block (whose mask
-  must mark the slots up to `offset` valid) and attends over all of its blocks.
+  must mark the slots up to `offset` valid) and attends over all of its blocks with `attention`
+  (`block_attention`, or `cpu_attention.block_attention`, which computes the same).
   """
   x = model.embed_tokens(tokens_N[:, None])
   new_cache = []
@@ -101,7 +102,7 @@ def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], to
       last_k = jax.lax.dynamic_update_slice_in_dim(last_k, k.astype(last_k.dtype), offset, axis=3)
       last_v = jax.lax.dynamic_update_slice_in_dim(last_v, v.astype(last_v.dtype), offset, axis=2)
       blocks = blocks[:-1] + [(last_k, last_v, last_mask)]
-      return block_attention(q, blocks), blocks
+      return attention(q, blocks), blocks
 
     x, blocks = decoder_layer(model.config, x, w, rotation, attend)
     new_cache.append(blocks)

@@ -14,6 +14,10 @@ Log-prob convention: `SampleOutput.logprobs_NxM` holds `log_softmax(logits / tem
 sampled token, taken BEFORE top-k / top-p truncation (as verl does), so a trainer reproduces it
 by dividing its logits by the same temperature. With `top_k=0, top_p=1` (the RL setting) that is
 exactly the distribution sampled from. Greedy decoding records `log_softmax(logits)`.
+
+Attention in the decode loop (`Sampler(attention=...)`): "xla" is `decode.block_attention`;
+"cpu_kernel" is the same computation as a C++ FFI kernel (`cpu_attention`), for one float32 CPU
+device; "auto" (the default) takes the kernel where it applies and builds, else XLA's.
 """
 
 import dataclasses
@@ -26,8 +30,8 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from prerl_jax import rope, sharding
-from prerl_jax.decode import block_shapes, block_sharding, decode_step
+from prerl_jax import cpu_attention, rope, sharding
+from prerl_jax.decode import block_attention, block_shapes, block_sharding, decode_step
 from prerl_jax.model import Decoder, positions_from_mask
 from prerl_jax.tokenizer import stop_token_ids
 
@@ -181,7 +185,7 @@ def _choose(logits_NxV, key, config: SamplingConfig):
 
 
 def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
-                    config: SamplingConfig, mesh, rules):
+                    config: SamplingConfig, mesh, rules, attention):
   """Prefill, then decode until every row has stopped or `max_new_tokens` are sampled."""
   model: Decoder = nnx.merge(graphdef, state)
   batch, _ = prompt_tokens_BxP.shape
@@ -245,7 +249,8 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
       filled_C = jnp.arange(width) <= offset
       cache = [blocks + [(k, v, filled_C)] for blocks, (k, v) in zip(earlier_blocks, block)]
       rotation = tuple(jax.lax.dynamic_slice_in_dim(r, step, 1, axis=1) for r in rotations)
-      hidden_Nx1xD, cache = decode_step(model, layer_weights, cache, token_N, rotation, offset)
+      hidden_Nx1xD, cache = decode_step(model, layer_weights, cache, token_N, rotation,
+                                        offset, attention)
       block = [blocks[-1][:2] for blocks in cache]
       token_N, outputs = emit(step, model.logits(hidden_Nx1xD)[:, 0], outputs)
       return step + 1, token_N, block, outputs
@@ -270,6 +275,29 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
                       prompt_mask_NxP=repeat(prompt_mask_BxP))
 
 
+ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
+
+
+def _resolve_attention(choice: str, compute_dtype, mesh: Mesh | None) -> str:
+  """"xla" or "cpu_kernel" for `Sampler(attention=choice)`; see the module docstring."""
+  if choice not in ATTENTION_CHOICES:
+    raise ValueError(f"Sampler attention={choice!r}: expected one of {ATTENTION_CHOICES}")
+  if choice == "xla":
+    return choice
+  devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+  fits = (len(devices) == 1 and devices[0].platform == "cpu"
+          and jnp.dtype(compute_dtype) == jnp.float32)
+  if choice == "auto":
+    return "cpu_kernel" if fits and cpu_attention.unavailable_reason() is None else "xla"
+  if not fits:
+    raise ValueError(f"Sampler attention='cpu_kernel' needs one CPU device and float32 compute, "
+                     f"got {len(devices)} {devices[0].platform} device(s) and {compute_dtype}")
+  reason = cpu_attention.unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"Sampler attention='cpu_kernel': {reason}")
+  return choice
+
+
 class Sampler:
   """Samples from a Decoder with one compiled program per (prompt bucket, batch size, config).
 
@@ -277,14 +305,19 @@ class Sampler:
   `sampler.sample(state, tokens_BxP, mask_BxP, key, config)` with `state = nnx.state(model)`
   (the current parameters) and prompts from `prompt_batch`. Under a mesh the prompt batch is
   split over the `data` and `fsdp` axes and the parameters are sharded by `rules`.
+  `attention` is "auto", "xla" or "cpu_kernel" (module docstring); `self.attention` is the choice.
   """
 
-  def __init__(self, model: Decoder, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+  def __init__(self, model: Decoder, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
+               attention: str = "auto"):
     self.graphdef, state = nnx.split(model)
     self.model_config = model.config
     self.mesh = mesh
     self.rules = rules
-    program = functools.partial(_sample_program, self.graphdef, mesh=mesh, rules=rules)
+    self.attention = _resolve_attention(attention, model.config.compute_dtype, mesh)
+    program = functools.partial(_sample_program, self.graphdef, mesh=mesh, rules=rules,
+                                attention=(cpu_attention.block_attention
+                                           if self.attention == "cpu_kernel" else block_attention))
     static = (4,)  # config
     if mesh is None:
       self._program = jax.jit(program, static_argnums=static)

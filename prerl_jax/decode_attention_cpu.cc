@@ -1,0 +1,204 @@
+// Decode attention over per-layer cache blocks, as one XLA:CPU FFI call per layer.
+//
+// Computes what prerl_jax/decode.py's `block_attention` computes (float32): one query token per
+// row attends over a list of cache blocks; each block gets its own softmax statistics, combined
+// at the end as in flash-decoding. Built and registered by prerl_jax/cpu_attention.py.
+//
+// Operands: q [N, K, G, H], then per block keys [R, K, H, C], values [R, K, C, H] and a PRED
+// mask [R, C] or [C], where R divides N and row n reads block row n / (N / R) (a prompt block is
+// shared by the N / R consecutive samples of its prompt). Attribute `scale` multiplies the
+// scores. Result: [N, K, G, H].
+//
+// Why a kernel: XLA:CPU runs these products as batched dots of G (e.g. 3) rows each, on one
+// core at about a quarter of the memory bandwidth; here each (row, kv head) is one task over
+// both cores.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Block {
+  const float* keys;    // [R, K, H, C]
+  const float* values;  // [R, K, C, H]
+  const bool* mask;     // [R, C] or [C]
+  int64_t rows, slots, mask_row_stride;
+};
+
+struct Problem {
+  const float* q;  // [N, K, G, H]
+  std::vector<Block> blocks;
+  int64_t rows, kv, groups, head_dim, max_slots;
+  float scale;
+  float* out;  // [N, K, G, H]
+};
+
+// Scratch of one thread: scores of one block, and each block's statistics and weighted values.
+struct Scratch {
+  explicit Scratch(const Problem& p)
+      : scores(p.groups * p.max_slots),
+        maxima(p.blocks.size() * p.groups),
+        sums(p.blocks.size() * p.groups),
+        outs(p.blocks.size() * p.groups * p.head_dim) {}
+  std::vector<float> scores, maxima, sums, outs;
+};
+
+// Row n, kv head k: every block's softmax statistics and weighted values, then their combination.
+void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
+  const int64_t n = task / p.kv, k = task % p.kv, G = p.groups, H = p.head_dim;
+  const float* q = p.q + task * G * H;
+  const float infinity = std::numeric_limits<float>::infinity();
+  for (size_t b = 0; b < p.blocks.size(); ++b) {
+    const Block& block = p.blocks[b];
+    const int64_t C = block.slots, row = n / (p.rows / block.rows);
+    const float* keys = block.keys + (row * p.kv + k) * H * C;
+    const float* values = block.values + (row * p.kv + k) * C * H;
+    const bool* mask = block.mask + row * block.mask_row_stride;
+    float* scores = scratch.scores.data();
+    std::fill(scores, scores + G * C, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* key_row = keys + h * C;
+      for (int64_t g = 0; g < G; ++g) {
+        const float x = q[g * H + h];
+        float* s = scores + g * C;
+        for (int64_t c = 0; c < C; ++c) s[c] += x * key_row[c];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * C;
+      float maximum = -infinity;
+      for (int64_t c = 0; c < C; ++c) {
+        s[c] = mask[c] ? s[c] * p.scale : -infinity;
+        maximum = std::max(maximum, s[c]);
+      }
+      if (!std::isfinite(maximum)) maximum = 0.0f;  // A block with no valid slot.
+      float total = 0.0f;
+      for (int64_t c = 0; c < C; ++c) {
+        s[c] = std::exp(s[c] - maximum);
+        total += s[c];
+      }
+      scratch.maxima[b * G + g] = maximum;
+      scratch.sums[b * G + g] = total;
+    }
+    float* out = scratch.outs.data() + b * G * H;
+    std::fill(out, out + G * H, 0.0f);
+    for (int64_t c = 0; c < C; ++c) {
+      const float* value_row = values + c * H;
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = scores[g * C + c];
+        float* o = out + g * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += w * value_row[h];
+      }
+    }
+  }
+  float* result = p.out + task * G * H;
+  for (int64_t g = 0; g < G; ++g) {
+    float overall = -infinity;
+    for (size_t b = 0; b < p.blocks.size(); ++b) overall = std::max(overall, scratch.maxima[b * G + g]);
+    float total = 0.0f;
+    float* r = result + g * H;
+    std::fill(r, r + H, 0.0f);
+    for (size_t b = 0; b < p.blocks.size(); ++b) {
+      const float scale = std::exp(scratch.maxima[b * G + g] - overall);
+      total += scale * scratch.sums[b * G + g];
+      const float* o = scratch.outs.data() + (b * G + g) * H;
+      for (int64_t h = 0; h < H; ++h) r[h] += scale * o[h];
+    }
+    for (int64_t h = 0; h < H; ++h) r[h] /= total;
+  }
+}
+
+// Work shared by the calling thread and the pool's: chunks of tasks taken in order.
+struct Work {
+  Problem problem;
+  int64_t tasks = 0, chunk = 1, chunks = 0;
+  std::atomic<int64_t> next{0}, finished{0};
+};
+
+void RunChunks(Work& work) {
+  Scratch scratch(work.problem);
+  for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
+    const int64_t end = std::min(work.tasks, (c + 1) * work.chunk);
+    for (int64_t t = c * work.chunk; t < end; ++t) AttendOne(work.problem, t, scratch);
+    work.finished.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error Invalid(const std::string& message) {
+  return ffi::Error::InvalidArgument("prerl_decode_attention: " + message);
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::RemainingArgs blocks,
+                           float scale, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();
+  if (qd.size() != 4) return Invalid("q must be [rows, kv_heads, groups, head_dim]");
+  if (blocks.size() == 0 || blocks.size() % 3 != 0) {
+    return Invalid("expected (keys, values, mask) per block, got " + std::to_string(blocks.size()) +
+                   " operands after q");
+  }
+  // Shared with pool tasks, which may start after this call returns and then find no chunk left.
+  auto work = std::make_shared<Work>();
+  Problem& p = work->problem;
+  p.q = q.typed_data();
+  p.rows = qd[0], p.kv = qd[1], p.groups = qd[2], p.head_dim = qd[3];
+  p.scale = scale;
+  p.out = out->typed_data();
+  p.max_slots = 0;
+  for (size_t i = 0; i < blocks.size(); i += 3) {
+    auto keys = blocks.get<ffi::AnyBuffer>(i), values = blocks.get<ffi::AnyBuffer>(i + 1),
+         mask = blocks.get<ffi::AnyBuffer>(i + 2);
+    if (!keys.has_value() || !values.has_value() || !mask.has_value()) return Invalid("bad operand");
+    const std::string which = "block " + std::to_string(i / 3) + ": ";
+    if (keys->element_type() != ffi::F32 || values->element_type() != ffi::F32 ||
+        mask->element_type() != ffi::PRED) {
+      return Invalid(which + "keys and values must be float32 and the mask bool");
+    }
+    auto kd = keys->dimensions(), vd = values->dimensions(), md = mask->dimensions();
+    if (kd.size() != 4 || vd.size() != 4 || kd[0] <= 0 || p.rows % kd[0] != 0 || kd[1] != p.kv ||
+        kd[2] != p.head_dim || vd[0] != kd[0] || vd[1] != p.kv || vd[2] != kd[3] ||
+        vd[3] != p.head_dim) {
+      return Invalid(which + "keys must be [R, kv_heads, head_dim, C] and values [R, kv_heads, C, "
+                     "head_dim], with R dividing the query rows");
+    }
+    const bool per_row = md.size() == 2;
+    if (!(md.size() == 1 && md[0] == kd[3]) && !(per_row && md[0] == kd[0] && md[1] == kd[3])) {
+      return Invalid(which + "mask must be [R, C] or [C]");
+    }
+    p.blocks.push_back(Block{keys->typed_data<float>(), values->typed_data<float>(),
+                             reinterpret_cast<const bool*>(mask->untyped_data()), kd[0], kd[3],
+                             per_row ? kd[3] : 0});
+    p.max_slots = std::max(p.max_slots, kd[3]);
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->tasks = p.rows * p.kv;
+  work->chunk = std::max<int64_t>(1, work->tasks / (4 * threads));
+  work->chunks = (work->tasks + work->chunk - 1) / work->chunk;
+  for (int64_t i = 1; i < std::min(threads, work->chunks); ++i) {
+    pool.Schedule([work] { RunChunks(*work); });
+  }
+  RunChunks(*work);
+  // Every chunk is taken; wait for those still running on other threads.
+  while (work->finished.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrerlDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
