@@ -2,11 +2,11 @@
 
 `block_attention(q, blocks)` has the signature and the result of `decode.block_attention`
 (float32 only) and runs as one XLA:CPU custom call per layer. On SmolLM2-135M at 64 rows it cut a
-256-token decode step from 0.23 to 0.19 s (README, sampler benchmark).
+256-token decode step from 0.23 to 0.19 s in an interleaved A/B (README, Performance).
 
 The library is compiled once per source, compiler and CPU with the system C++ compiler ($CXX, or
-c++) into $PRERL_JAX_CACHE/kernels. Where no compiler works, `available()` is False and the
-sampler keeps XLA's attention (see `Sampler(attention=...)`).
+c++) into $PRERL_JAX_CACHE/kernels. Where no compiler works, `unavailable_reason()` says why and
+the sampler keeps XLA's attention (see `Sampler(attention=...)`).
 """
 
 import ctypes

@@ -279,7 +279,7 @@ ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
 
 
 def _resolve_attention(choice: str, compute_dtype, mesh: Mesh | None) -> str:
-  """"xla" or "cpu_kernel" for `Sampler(attention=choice)`; see the module docstring."""
+  """The attention `Sampler(attention=choice)` runs, "xla" or "cpu_kernel" (module docstring)."""
   if choice not in ATTENTION_CHOICES:
     raise ValueError(f"Sampler attention={choice!r}: expected one of {ATTENTION_CHOICES}")
   if choice == "xla":
