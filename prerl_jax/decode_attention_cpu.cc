@@ -54,6 +54,20 @@ struct Scratch {
   std::vector<float> scores, maxima, sums, outs;
 };
 
+// out[M, N] = a[M, K] @ b[K, N], all row-major and contiguous; the inner loop runs along a row
+// of b and of out, which the compiler vectorizes.
+void Product(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N) {
+  std::fill(out, out + M * N, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b_row = b + k * N;
+    for (int64_t m = 0; m < M; ++m) {
+      const float x = a[m * K + k];
+      float* o = out + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] += x * b_row[n];
+    }
+  }
+}
+
 // Row n, kv head k: every block's softmax statistics and weighted values, then their combination.
 void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
   const int64_t n = task / p.kv, k = task % p.kv, G = p.groups, H = p.head_dim;
@@ -66,15 +80,7 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
     const float* values = block.values + (row * p.kv + k) * C * H;
     const bool* mask = block.mask + row * block.mask_row_stride;
     float* scores = scratch.scores.data();
-    std::fill(scores, scores + G * C, 0.0f);
-    for (int64_t h = 0; h < H; ++h) {
-      const float* key_row = keys + h * C;
-      for (int64_t g = 0; g < G; ++g) {
-        const float x = q[g * H + h];
-        float* s = scores + g * C;
-        for (int64_t c = 0; c < C; ++c) s[c] += x * key_row[c];
-      }
-    }
+    Product(q, keys, scores, G, H, C);
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * C;
       float maximum = -infinity;
@@ -91,16 +97,7 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
       scratch.maxima[b * G + g] = maximum;
       scratch.sums[b * G + g] = total;
     }
-    float* out = scratch.outs.data() + b * G * H;
-    std::fill(out, out + G * H, 0.0f);
-    for (int64_t c = 0; c < C; ++c) {
-      const float* value_row = values + c * H;
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = scores[g * C + c];
-        float* o = out + g * H;
-        for (int64_t h = 0; h < H; ++h) o[h] += w * value_row[h];
-      }
-    }
+    Product(scores, values, scratch.outs.data() + b * G * H, G, C, H);
   }
   float* result = p.out + task * G * H;
   for (int64_t g = 0; g < G; ++g) {
