@@ -69,7 +69,8 @@ def test_resolve_attention_choices():
 def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
   compiler = tmp_path / "broken-c++"
   compiler.write_text("#!/bin/sh\necho 'fake compiler 1.0'\n"
-                      "case \"$*\" in *--version*) exit 0;; esac\necho 'no such flag' >&2\nexit 1\n")
+                      "case \"$*\" in *--version*) exit 0;; esac\n"
+                      "echo 'no such flag' >&2\nexit 1\n")
   compiler.chmod(0o755)
   monkeypatch.setenv("PRERL_JAX_CACHE", str(tmp_path / "cache"))
   with pytest.raises(RuntimeError, match="decode_attention_cpu.cc with .*broken-c\\+\\+ failed"):
