@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -44,31 +45,138 @@ struct Problem {
   float* out;  // [N, K, G, H]
 };
 
-// Scratch of one thread: scores of one block, and each block's statistics and weighted values.
+// Scratch of one thread: scores of one block, its mask as floats (1 or 0), and each block's
+// statistics and weighted values.
 struct Scratch {
   explicit Scratch(const Problem& p)
       : scores(p.groups * p.max_slots),
+        keep(p.max_slots),
         maxima(p.blocks.size() * p.groups),
         sums(p.blocks.size() * p.groups),
         outs(p.blocks.size() * p.groups * p.head_dim) {}
-  std::vector<float> scores, maxima, sums, outs;
+  std::vector<float> scores, keep, maxima, sums, outs;
 };
 
-// out[M, N] = a[M, K] @ b[K, N], all row-major and contiguous; the inner loop runs along a row
-// of b and of out, which the compiler vectorizes.
-void Product(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N) {
-  std::fill(out, out + M * N, 0.0f);
+// A SIMD register of floats, as a GCC/Clang vector extension: eight lanes with AVX (the library
+// is built with -march=native where the compiler takes it), four otherwise (SSE, NEON).
+#if defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+// As many int32 lanes: comparison results (all bits set where true) and exponent bits.
+typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
+
+// a where `where` is true (all bits set), else b.
+inline Vec Select(const Mask& where, const Vec& a, const Vec& b) {
+  return (Vec)((where & (Mask)a) | (~where & (Mask)b));
+}
+
+// out[j:j+W] = a[K] @ b[K, j:j+W] for W = V * kLanes columns (b's rows `ldb` apart), with the V
+// accumulators in registers.
+template <int V>
+void ProductTile(const float* a, const float* b, int64_t ldb, float* out, int64_t K, int64_t j) {
+  Vec acc[V] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const float* b_row = b + k * N;
-    for (int64_t m = 0; m < M; ++m) {
-      const float x = a[m * K + k];
-      float* o = out + m * N;
-      for (int64_t n = 0; n < N; ++n) o[n] += x * b_row[n];
+    const float x = a[k];
+    for (int v = 0; v < V; ++v) acc[v] += x * Load(b + k * ldb + j + kLanes * v);
+  }
+  for (int v = 0; v < V; ++v) Store(out + j + kLanes * v, acc[v]);
+}
+
+// out[M, N] = a[M, K] @ b[K, N] (b's rows `ldb` apart; a and out contiguous). One row of a at a
+// time, so each of b's rows is read in one sequential pass for the first row and from L1 after.
+void Product(const float* a, const float* b, int64_t ldb, float* out, int64_t M, int64_t K,
+             int64_t N) {
+  for (int64_t m = 0; m < M; ++m, a += K, out += N) {
+    int64_t j = 0;
+    for (; j + 8 * kLanes <= N; j += 8 * kLanes) ProductTile<8>(a, b, ldb, out, K, j);
+    for (; j + kLanes <= N; j += kLanes) ProductTile<1>(a, b, ldb, out, K, j);
+    if (j < N && N >= kLanes) {
+      ProductTile<1>(a, b, ldb, out, K, N - kLanes);  // The last columns, overlapping.
+    } else {
+      for (; j < N; ++j) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k * ldb + j];
+        out[j] = sum;
+      }
     }
   }
 }
 
+// exp(x) for x <= 0 (scores minus their maximum), within 2 ulp of std::exp (Cephes' expf), and
+// exp(-87) for x below -87 (-inf included). Lane-wise on vectors: std::exp is a scalar libm call,
+// and a scalar version of this clamp kept GCC from vectorizing the loop.
+inline Vec ExpNonPositive(Vec x) {
+  const Vec lowest = Vec{} - 87.0f;
+  x = Select(x < lowest, lowest, x);
+  const Vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;       // x - n ln 2 in two parts
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * (Vec)((__builtin_convertvector(n, Mask) + 127) << 23);  // p * 2^n
+}
+
+// Maximum and sum of x[0:C] a vector at a time: written out, because a plain reduction
+// loop does not vectorize without -ffast-math, which this file must not use (it would fold
+// ExpNonPositive's rounding away).
+float Maximum(const float* x, int64_t C) {
+  float result = -std::numeric_limits<float>::infinity();
+  int64_t c = 0;
+  if (C >= kLanes) {
+    Vec lanes = Load(x);
+    for (c = kLanes; c + kLanes <= C; c += kLanes) {
+      const Vec v = Load(x + c);
+      lanes = Select(v > lanes, v, lanes);
+    }
+    for (int64_t i = 0; i < kLanes; ++i) result = std::max(result, lanes[i]);
+  }
+  for (; c < C; ++c) result = std::max(result, x[c]);
+  return result;
+}
+
+float Sum(const float* x, int64_t C) {
+  Vec lanes = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) lanes += Load(x + c);
+  float result = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) result += lanes[i];
+  for (; c < C; ++c) result += x[c];
+  return result;
+}
+
+// Applies `f` to x[0:C] and keep[0:C] a vector at a time (the last C % kLanes slots through a
+// padded vector), writing its result into x.
+template <typename F>
+void Lanewise(float* x, const float* keep, int64_t C, F f) {
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) Store(x + c, f(Load(x + c), Load(keep + c)));
+  if (c < C) {
+    float tail_x[kLanes] = {}, tail_keep[kLanes] = {};
+    std::copy(x + c, x + C, tail_x);
+    std::copy(keep + c, keep + C, tail_keep);
+    Store(tail_x, f(Load(tail_x), Load(tail_keep)));
+    std::copy(tail_x, tail_x + (C - c), x + c);
+  }
+}
+
 // Row n, kv head k: every block's softmax statistics and weighted values, then their combination.
+// Slots after a block's last valid one (the unwritten end of the block being decoded into) are
+// not read.
 void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
   const int64_t n = task / p.kv, k = task % p.kv, G = p.groups, H = p.head_dim;
   const float* q = p.q + task * G * H;
@@ -79,30 +187,34 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
     const float* keys = block.keys + (row * p.kv + k) * H * C;
     const float* values = block.values + (row * p.kv + k) * C * H;
     const bool* mask = block.mask + row * block.mask_row_stride;
-    float* scores = scratch.scores.data();
-    Product(q, keys, scores, G, H, C);
+    int64_t valid = C;
+    while (valid > 0 && !mask[valid - 1]) --valid;
+    float* keep = scratch.keep.data();  // 1 for a valid slot, 0 for a masked one.
+    for (int64_t c = 0; c < valid; ++c) keep[c] = mask[c] ? 1.0f : 0.0f;
+    float* scores = scratch.scores.data();  // [G, valid]
+    Product(q, keys, C, scores, G, H, valid);
+    const Vec zero = {}, minus_infinity = zero - infinity;
     for (int64_t g = 0; g < G; ++g) {
-      float* s = scores + g * C;
-      float maximum = -infinity;
-      for (int64_t c = 0; c < C; ++c) {
-        s[c] = mask[c] ? s[c] * p.scale : -infinity;
-        maximum = std::max(maximum, s[c]);
-      }
+      float* s = scores + g * valid;
+      Lanewise(s, keep, valid, [&](Vec x, Vec kept) {
+        return Select(kept > zero, x * p.scale, minus_infinity);
+      });
+      float maximum = Maximum(s, valid);
       if (!std::isfinite(maximum)) maximum = 0.0f;  // A block with no valid slot.
-      float total = 0.0f;
-      for (int64_t c = 0; c < C; ++c) {
-        s[c] = std::exp(s[c] - maximum);
-        total += s[c];
-      }
+      Lanewise(s, keep, valid, [&](Vec x, Vec kept) {
+        return Select(kept > zero, ExpNonPositive(x - maximum), zero);
+      });
       scratch.maxima[b * G + g] = maximum;
-      scratch.sums[b * G + g] = total;
+      scratch.sums[b * G + g] = Sum(s, valid);
     }
-    Product(scores, values, scratch.outs.data() + b * G * H, G, C, H);
+    Product(scores, values, H, scratch.outs.data() + b * G * H, G, valid, H);
   }
   float* result = p.out + task * G * H;
   for (int64_t g = 0; g < G; ++g) {
     float overall = -infinity;
-    for (size_t b = 0; b < p.blocks.size(); ++b) overall = std::max(overall, scratch.maxima[b * G + g]);
+    for (size_t b = 0; b < p.blocks.size(); ++b) {
+      overall = std::max(overall, scratch.maxima[b * G + g]);
+    }
     float total = 0.0f;
     float* r = result + g * H;
     std::fill(r, r + H, 0.0f);
@@ -155,7 +267,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::R
   for (size_t i = 0; i < blocks.size(); i += 3) {
     auto keys = blocks.get<ffi::AnyBuffer>(i), values = blocks.get<ffi::AnyBuffer>(i + 1),
          mask = blocks.get<ffi::AnyBuffer>(i + 2);
-    if (!keys.has_value() || !values.has_value() || !mask.has_value()) return Invalid("bad operand");
+    if (!keys.has_value() || !values.has_value() || !mask.has_value()) {
+      return Invalid("bad operand");
+    }
     const std::string which = "block " + std::to_string(i / 3) + ": ";
     if (keys->element_type() != ffi::F32 || values->element_type() != ffi::F32 ||
         mask->element_type() != ffi::PRED) {

@@ -45,6 +45,32 @@ def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
 
 
 @needs_kernel
+@pytest.mark.parametrize("head_dim,q_scale", [(64, 1.0), (128, 1.0), (64, 40.0)])
+def test_kernel_matches_xla_on_wide_blocks(head_dim, q_scale):
+  """Blocks wide enough for the kernel's vector tiles (64-, 8-lane and overlapping last tiles);
+  q_scale=40 spreads scores over hundreds, so exp meets arguments below -87."""
+  rng = np.random.default_rng(head_dim)
+  rows, prompts, kv, groups = 8, 2, 2, 3
+  q = jnp.asarray(rng.normal(size=(rows, 1, kv * groups, head_dim)).astype(np.float32)) * q_scale
+  prompt_mask = np.arange(70)[None, :] >= np.array([[5], [37]])  # Left-padded prompts.
+  last_mask = np.arange(19) <= 10
+  last_mask[4] = False  # A masked slot inside the filled part.
+  blocks = [_block(rng, prompts, kv, head_dim, 70, prompt_mask),
+            _block(rng, rows, kv, head_dim, 64, np.ones(64, bool)),
+            _block(rng, rows, kv, head_dim, 19, last_mask)]
+  expected = jax.jit(decode.block_attention)(q, blocks)
+  got = jax.jit(cpu_attention.block_attention)(q, blocks)
+  assert float(jnp.abs(expected).max()) > 0.5
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-6, rtol=1e-5)
+  # Masked slots contribute exactly nothing, even where their scores overflow to inf.
+  k, v, m = blocks[2]
+  hole = ~np.asarray(m)
+  blocks[2] = (jnp.where(hole, 1e38, k), jnp.where(hole[:, None], 1e30, v), m)
+  np.testing.assert_array_equal(np.asarray(jax.jit(cpu_attention.block_attention)(q, blocks)),
+                                np.asarray(got))
+
+
+@needs_kernel
 def test_kernel_rejects_non_float32_caches():
   rng = np.random.default_rng(0)
   q = jnp.zeros((2, 1, 2, 8), jnp.bfloat16)
