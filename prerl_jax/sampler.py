@@ -137,13 +137,15 @@ def prompt_batch(prompts: Sequence[Sequence[int]], config: SamplingConfig,
 SAMPLE_BLOCK = 256
 
 
-def _categorical(key, logits_NxV) -> jax.Array:
-  """One draw per row from softmax(logits_NxV): Gumbel-max over blocks, then inside the block.
+def _categorical(key, logits_NxV) -> tuple[jax.Array, jax.Array]:
+  """One draw per row from softmax(logits_NxV), and logsumexp(logits_NxV) per row.
 
-  A block is drawn with probability equal to its total mass (Gumbel-max over the blocks'
-  logsumexp), then a token inside it (Gumbel-max over its logits): exactly the categorical
-  distribution, with 2 * sqrt(V)-ish Gumbel draws per row instead of V (`jax.random.categorical`
-  drew 64 x 49152 Gumbels per SmolLM2 decode step: 29 ms of a 100 ms roofline on the 2-core CPU).
+  Gumbel-max over blocks, then inside the block: a block is drawn with probability equal to its
+  total mass (Gumbel-max over the blocks' logsumexp), then a token inside it (Gumbel-max over its
+  logits): exactly the categorical distribution, with 2 * sqrt(V)-ish Gumbel draws per row
+  instead of V (`jax.random.categorical` drew 64 x 49152 Gumbels per SmolLM2 decode step: 29 ms
+  of a 100 ms roofline on the 2-core CPU). The row's logsumexp comes from the blocks' (saving a
+  second exp over the vocabulary for the log-prob).
   Gumbel-max keeps draws stable under float noise: an inverse-CDF lookup tried first changed
   tokens between a 1-process and a 2-process run of the same model (near-uniform logits put
   cumulative-sum boundaries within rounding of the target).
@@ -155,20 +157,22 @@ def _categorical(key, logits_NxV) -> jax.Array:
                        constant_values=-jnp.inf)
   logits_NxBxC = logits_NxV.reshape(rows, blocks, block)
   block_key, token_key = jax.random.split(key)
-  block_N = jnp.argmax(jax.nn.logsumexp(logits_NxBxC, axis=-1)
-                       + jax.random.gumbel(block_key, (rows, blocks)), axis=-1)
+  block_lse_NxB = jax.nn.logsumexp(logits_NxBxC, axis=-1)
+  block_N = jnp.argmax(block_lse_NxB + jax.random.gumbel(block_key, (rows, blocks)), axis=-1)
   inside_NxC = jnp.take_along_axis(logits_NxBxC, block_N[:, None, None], axis=1)[:, 0]
   index_N = jnp.argmax(inside_NxC + jax.random.gumbel(token_key, (rows, block)), axis=-1)
-  return (block_N * block + index_N).astype(jnp.int32)
+  token_N = (block_N * block + index_N).astype(jnp.int32)
+  return token_N, jax.nn.logsumexp(block_lse_NxB, axis=-1)
 
 
 def _choose(logits_NxV, key, config: SamplingConfig):
   """(next token, its log-prob under the convention of the module docstring)."""
   if config.greedy:
-    token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
     scaled_NxV = logits_NxV
+    token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+    logsumexp_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   else:
-    scaled_NxV = logits_NxV / config.temperature
+    scaled_NxV = logits_NxV if config.temperature == 1 else logits_NxV / config.temperature
     if config.top_k or config.top_p < 1:
       vocab = logits_NxV.shape[-1]
       values_NxK, indices_NxK = jax.lax.top_k(scaled_NxV, min(config.top_k or vocab, vocab))
@@ -176,12 +180,13 @@ def _choose(logits_NxV, key, config: SamplingConfig):
         probs_NxK = jax.nn.softmax(values_NxK, axis=-1)
         mass_before_NxK = jnp.cumsum(probs_NxK, axis=-1) - probs_NxK
         values_NxK = jnp.where(mass_before_NxK < config.top_p, values_NxK, -jnp.inf)
-      choice_N = _categorical(key, values_NxK)
+      choice_N, _ = _categorical(key, values_NxK)
       token_N = jnp.take_along_axis(indices_NxK, choice_N[:, None], axis=-1)[:, 0]
+      logsumexp_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
     else:
-      token_N = _categorical(key, scaled_NxV)
+      token_N, logsumexp_N = _categorical(key, scaled_NxV)
   chosen_N = jnp.take_along_axis(scaled_NxV, token_N[:, None], axis=-1)[:, 0]
-  return token_N, chosen_N - jax.nn.logsumexp(scaled_NxV, axis=-1)
+  return token_N, chosen_N - logsumexp_N
 
 
 def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,

@@ -143,7 +143,10 @@ def test_blockwise_draws_follow_softmax():
   logits = rng.normal(size=(3, 700)).astype(np.float32) * 2  # Not a multiple of the block.
   logits[1, 5:] = -np.inf
   keys = jax.random.split(jax.random.key(0), 200_000)
-  draws = np.asarray(jax.jit(jax.vmap(lambda k: _categorical(k, jnp.asarray(logits))))(keys))
+  draws, logsumexp = jax.jit(jax.vmap(lambda k: _categorical(k, jnp.asarray(logits))))(keys)
+  draws = np.asarray(draws)
+  np.testing.assert_allclose(np.asarray(logsumexp[0]),
+                             np.asarray(jax.nn.logsumexp(logits, axis=-1)), rtol=1e-6)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   for row in range(3):
     frequency = np.bincount(draws[:, row], minlength=700) / len(keys)
