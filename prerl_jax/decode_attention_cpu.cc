@@ -11,7 +11,8 @@
 //
 // Why a kernel: XLA:CPU runs these products as batched dots of G (e.g. 3) rows each, on one
 // core at about a quarter of the memory bandwidth; here each (row, kv head) is one task over
-// both cores.
+// both cores, with register-tiled vector products, a vector exp, and no reads past a block's
+// last valid slot.
 
 #include <algorithm>
 #include <atomic>
