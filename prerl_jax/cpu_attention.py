@@ -56,6 +56,12 @@ def library_path(compiler: str) -> str:
                       f"decode_attention_{digest.hexdigest()[:16]}.so")
 
 
+def compile_command(compiler: str, output: str, native: bool) -> list[str]:
+  """The command that builds the kernel into `output`, for this CPU (-march=native) or not."""
+  arch = ["-march=native"] if native else []
+  return [compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", output]
+
+
 def build(compiler: str) -> str:
   """Compiles the kernel unless it is already in the cache; returns the library's path.
 
@@ -65,13 +71,12 @@ def build(compiler: str) -> str:
   if os.path.exists(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  include = f"-I{jax.ffi.include_dir()}"
   errors = []
-  for arch in (("-march=native",), ()):
+  for native in (True, False):
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
       built = os.path.join(scratch, "kernel.so")
-      run = subprocess.run([compiler, *_FLAGS, *arch, include, SOURCE, "-o", built],
-                           capture_output=True, text=True)
+      run = subprocess.run(compile_command(compiler, built, native), capture_output=True,
+                           text=True)
       if run.returncode == 0:
         os.replace(built, path)  # Atomic: concurrent builds (test workers) each write a whole file.
         return path
@@ -99,8 +104,8 @@ def unavailable_reason() -> str | None:
   return reason
 
 
-def block_attention(q_NxTxNHxH, blocks):
-  """`decode.block_attention` as one FFI call (float32 queries, keys and values)."""
+def block_attention(q_NxTxNHxH, blocks, target: str = TARGET):
+  """`decode.block_attention` as one FFI call (float32 queries, keys and values) to `target`."""
   rows, length, num_heads, head_dim = q_NxTxNHxH.shape
   num_kv = blocks[0][0].shape[1]
   q_NxKxGxH = q_NxTxNHxH.reshape(rows, num_kv, num_heads // num_kv, head_dim)
@@ -109,6 +114,6 @@ def block_attention(q_NxTxNHxH, blocks):
     if x.dtype not in (jnp.float32, jnp.bool_):
       raise TypeError(f"the CPU decode-attention kernel takes float32 and bool arrays, got "
                       f"{x.dtype}; use Sampler(attention='xla') for {x.dtype} caches")
-  out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32))(
+  out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32))(
       q_NxKxGxH, *operands, scale=np.float32(head_dim**-0.5))
   return out.reshape(rows, length, num_heads, head_dim)

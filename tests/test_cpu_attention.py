@@ -1,7 +1,10 @@
 """The CPU decode-attention kernel: same result as decode.block_attention, how the sampler picks
 it, and what happens when it cannot be built."""
 
+import ctypes
+import functools
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,27 @@ def test_kernel_matches_xla_on_wide_blocks(head_dim, q_scale):
   blocks[2] = (jnp.where(hole, 1e38, k), jnp.where(hole[:, None], 1e30, v), m)
   np.testing.assert_array_equal(np.asarray(jax.jit(cpu_attention.block_attention)(q, blocks)),
                                 np.asarray(got))
+
+
+@needs_kernel
+def test_portable_build_matches_xla(tmp_path):
+  """The kernel built without -march=native (the fallback build: 4-lane SSE / NEON vectors where
+  the native one has 8-lane AVX) computes the same attention."""
+  library = str(tmp_path / "portable.so")
+  subprocess.run(cpu_attention.compile_command(cpu_attention._compiler(), library, native=False),
+                 check=True, capture_output=True)
+  jax.ffi.register_ffi_target(
+      "prerl_decode_attention_portable",
+      jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).PrerlDecodeAttention), platform="cpu")
+  portable = functools.partial(cpu_attention.block_attention,
+                               target="prerl_decode_attention_portable")
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.normal(size=(6, 1, 4, 32)).astype(np.float32)) * 4
+  blocks = [_block(rng, 3, 2, 32, 21, np.arange(21)[None, :] >= np.array([[0], [3], [20]])),
+            _block(rng, 6, 2, 32, 13, np.arange(13) <= 6)]
+  np.testing.assert_allclose(np.asarray(jax.jit(portable)(q, blocks)),
+                             np.asarray(jax.jit(decode.block_attention)(q, blocks)),
+                             atol=2e-6, rtol=1e-5)
 
 
 @needs_kernel
