@@ -84,6 +84,14 @@ def build(compiler: str) -> str:
   raise RuntimeError(f"building {SOURCE} with {compiler} failed:\n" + "\n".join(errors))
 
 
+def register(library: str, target: str = TARGET) -> None:
+  """Loads a built kernel library and registers its handler as the XLA:CPU FFI target `target`.
+
+  Raises OSError when the library cannot be loaded."""
+  handler = ctypes.cdll.LoadLibrary(library).PrerlDecodeAttention
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+
+
 @functools.cache
 def unavailable_reason() -> str | None:
   """Builds, loads and registers the kernel once per process: None, or why it is unavailable
@@ -93,12 +101,10 @@ def unavailable_reason() -> str | None:
     reason = "no C++ compiler found ($CXX or c++)"
   else:
     try:
-      library = ctypes.cdll.LoadLibrary(build(compiler))
+      register(build(compiler))
     except (RuntimeError, OSError) as error:
       reason = str(error)
     else:
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PrerlDecodeAttention),
-                                  platform="cpu")
       return None
   logging.warning("CPU decode-attention kernel unavailable: %s", reason)
   return reason

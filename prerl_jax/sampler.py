@@ -172,7 +172,7 @@ def _choose(logits_NxV, key, config: SamplingConfig):
     token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
     logsumexp_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   else:
-    scaled_NxV = logits_NxV if config.temperature == 1 else logits_NxV / config.temperature
+    scaled_NxV = logits_NxV / config.temperature
     if config.top_k or config.top_p < 1:
       vocab = logits_NxV.shape[-1]
       values_NxK, indices_NxK = jax.lax.top_k(scaled_NxV, min(config.top_k or vocab, vocab))

@@ -1,7 +1,6 @@
 """The CPU decode-attention kernel: same result as decode.block_attention, how the sampler picks
 it, and what happens when it cannot be built."""
 
-import ctypes
 import functools
 import os
 import subprocess
@@ -80,9 +79,7 @@ def test_portable_build_matches_xla(tmp_path):
   library = str(tmp_path / "portable.so")
   subprocess.run(cpu_attention.compile_command(cpu_attention._compiler(), library, native=False),
                  check=True, capture_output=True)
-  jax.ffi.register_ffi_target(
-      "prerl_decode_attention_portable",
-      jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).PrerlDecodeAttention), platform="cpu")
+  cpu_attention.register(library, "prerl_decode_attention_portable")
   portable = functools.partial(cpu_attention.block_attention,
                                target="prerl_decode_attention_portable")
   rng = np.random.default_rng(5)
