@@ -1,9 +1,10 @@
 """The CPU decode-attention kernel (decode_attention_cpu.cc): built on first use, then an FFI call.
 
-`block_attention(q, blocks)` has the signature and the result of `decode.block_attention`
-(float32 only) and runs as one XLA:CPU custom call per layer. On SmolLM2-135M at 64 rows the first
-version cut a 256-token decode step from 0.23 to 0.19 s, and the tuned one from 0.22-0.25 to
-0.20-0.21 s, in interleaved A/Bs (README, Performance).
+`write_and_attend(q, k, v, rotation, offset, blocks)` has the signature and the results of
+`decode.write_and_attend` (float32 only) and runs as one XLA:CPU custom call per layer, which
+also rotates the queries and keys and writes the new token into the last block in place. On
+SmolLM2-135M at 64 rows the first version cut a 256-token decode step from 0.23 to 0.19 s, and
+the tuned one from 0.22-0.25 to 0.20-0.21 s, in interleaved A/Bs (README, Performance).
 
 The library is compiled once per source, compiler and CPU with the system C++ compiler ($CXX, or
 c++) into $PRERL_JAX_CACHE/kernels. Where no compiler works, `unavailable_reason()` says why and
@@ -110,16 +111,32 @@ def unavailable_reason() -> str | None:
   return reason
 
 
-def block_attention(q_NxTxNHxH, blocks, target: str = TARGET):
-  """`decode.block_attention` as one FFI call (float32 queries, keys and values) to `target`."""
+def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks,
+                     target: str = TARGET):
+  """`decode.write_and_attend` as one FFI call to `target` (float32 queries, keys and values).
+
+  The last block's keys and values are results aliased to their operands, so inside the decode
+  loop the new token is written in place."""
   rows, length, num_heads, head_dim = q_NxTxNHxH.shape
   num_kv = blocks[0][0].shape[1]
   q_NxKxGxH = q_NxTxNHxH.reshape(rows, num_kv, num_heads // num_kv, head_dim)
-  operands = [x for block in blocks for x in block]
-  for x in [q_NxKxGxH] + operands:
+  new_k_NxKxH = k_NxTxKxH.reshape(rows, num_kv, head_dim)
+  new_v_NxKxH = v_NxTxKxH.reshape(rows, num_kv, head_dim)
+  cos_NxH2, sin_NxH2 = (x.reshape(rows, head_dim // 2) for x in rotation)
+  operands = ([q_NxKxGxH, new_k_NxKxH, new_v_NxKxH, cos_NxH2, sin_NxH2]
+              + [x for block in blocks for x in block])
+  for x in operands:
     if x.dtype not in (jnp.float32, jnp.bool_):
       raise TypeError(f"the CPU decode-attention kernel takes float32 and bool arrays, got "
                       f"{x.dtype}; use Sampler(attention='xla') for {x.dtype} caches")
-  out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32))(
-      q_NxKxGxH, *operands, scale=np.float32(head_dim**-0.5))
-  return out.reshape(rows, length, num_heads, head_dim)
+  last_k, last_v, last_mask = blocks[-1]
+  first_last = 6 + 3 * (len(blocks) - 1)  # Operand index of the last block's keys.
+  out, last_k, last_v = jax.ffi.ffi_call(
+      target, (jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32),
+               jax.ShapeDtypeStruct(last_k.shape, jnp.float32),
+               jax.ShapeDtypeStruct(last_v.shape, jnp.float32)),
+      input_output_aliases={first_last: 1, first_last + 1: 2},
+  )(*operands[:5], jnp.asarray(offset, jnp.int32), *operands[5:],
+    scale=np.float32(head_dim**-0.5))
+  return (out.reshape(rows, length, num_heads, head_dim),
+          blocks[:-1] + [(last_k, last_v, last_mask)])

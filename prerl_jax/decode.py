@@ -10,7 +10,8 @@ values [rows, kv_heads, C, head_dim], mask over its C slots) (see `model.CACHE_A
 
 Blocks are separate arrays, not slices of one [layers, ..., length, ...] array: XLA:CPU copies a
 sliced operand before a dot, and on SmolLM2 at 64 rows those copies took more time than the
-attention itself. A decode step writes its token into the last block and attends to all blocks.
+attention itself. A decode step writes its token into the last block and attends to all blocks
+(`write_and_attend`).
 """
 
 import functools
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from prerl_jax import sharding
+from prerl_jax import rope, sharding
 from prerl_jax.model import CACHE_AXES, Decoder, decoder_layer
 from prerl_jax.model_config import ModelConfig
 
@@ -83,27 +84,42 @@ def block_attention(q_NxTxNHxH, blocks):
   return out.astype(q_NxTxNHxH.dtype).reshape(rows, length, num_heads, head_dim)
 
 
+def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks):
+  """Rotates the new token's queries and keys by `rotation` (`rope.rotation` of its positions),
+  writes its keys and values at slot `offset` of the last block (whose mask must mark the slots up
+  to `offset` valid), then `block_attention` over all the blocks (T == 1).
+
+  Returns (attended like q, the blocks with the last one updated).
+  """
+  q = rope.apply_rotation(q_NxTxNHxH, rotation)
+  k_NxKxHx1 = rope.apply_rotation(k_NxTxKxH, rotation).transpose(0, 2, 3, 1)
+  v_NxKx1xH = v_NxTxKxH.transpose(0, 2, 1, 3)
+  last_k, last_v, last_mask = blocks[-1]
+  last_k = jax.lax.dynamic_update_slice_in_dim(last_k, k_NxKxHx1.astype(last_k.dtype), offset,
+                                               axis=3)
+  last_v = jax.lax.dynamic_update_slice_in_dim(last_v, v_NxKx1xH.astype(last_v.dtype), offset,
+                                               axis=2)
+  blocks = blocks[:-1] + [(last_k, last_v, last_mask)]
+  return block_attention(q, blocks), blocks
+
+
 def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], tokens_N,
-                rotation, offset, attention=block_attention):
+                rotation, offset, attention=write_and_attend):
   """Hidden states [N, 1, D] of one new token per row, and the cache with its keys and values.
 
   `rotation` is `rope.rotation(positions_Nx1, ...)` of the new tokens.
 
-  Each layer writes the token's keys and values at slot `offset` of its last block (whose mask
-  must mark the slots up to `offset` valid) and attends over all of its blocks with `attention`
-  (`block_attention`, or `cpu_attention.block_attention`, which computes the same).
+  Each layer rotates the token's queries and keys, writes its keys and values at slot `offset` of
+  its last block and attends over all of its blocks with `attention(q, k, v, rotation, offset,
+  blocks)`: `write_and_attend`, or `cpu_attention.write_and_attend`, which computes the same.
   """
   x = model.embed_tokens(tokens_N[:, None])
   new_cache = []
   for w, blocks in zip(layer_weights, cache):
 
     def attend(q, k, v, blocks=blocks):
-      last_k, last_v, last_mask = blocks[-1]
-      last_k = jax.lax.dynamic_update_slice_in_dim(last_k, k.astype(last_k.dtype), offset, axis=3)
-      last_v = jax.lax.dynamic_update_slice_in_dim(last_v, v.astype(last_v.dtype), offset, axis=2)
-      blocks = blocks[:-1] + [(last_k, last_v, last_mask)]
-      return attention(q, blocks), blocks
+      return attention(q, k, v, rotation, offset, blocks)
 
-    x, blocks = decoder_layer(model.config, x, w, rotation, attend)
+    x, blocks = decoder_layer(model.config, x, w, None, attend)
     new_cache.append(blocks)
   return model.normalize_output(x), new_cache

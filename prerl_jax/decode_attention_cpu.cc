@@ -1,18 +1,24 @@
 // Decode attention over per-layer cache blocks, as one XLA:CPU FFI call per layer.
 //
-// Computes what prerl_jax/decode.py's `block_attention` computes (float32): one query token per
-// row attends over a list of cache blocks; each block gets its own softmax statistics, combined
-// at the end as in flash-decoding. Built and registered by prerl_jax/cpu_attention.py.
+// Computes what prerl_jax/decode.py's `write_and_attend` computes (float32): the new token's
+// queries and keys are rotated (rotary embeddings), its keys and values are written at slot
+// `offset` of the last cache block, then one query token per row attends over all the blocks; each block gets its own softmax statistics, combined at the end
+// as in flash-decoding. Built and registered by prerl_jax/cpu_attention.py.
 //
-// Operands: q [N, K, G, H], then per block keys [R, K, H, C], values [R, K, C, H] and a PRED
-// mask [R, C] or [C], where R divides N and row n reads block row n / (N / R) (a prompt block is
-// shared by the N / R consecutive samples of its prompt). Attribute `scale` multiplies the
-// scores. Result: [N, K, G, H].
+// Operands: q [N, K, G, H], the new keys [N, K, H] and values [N, K, H] (q and the keys not yet
+// rotated), the rotary cos and sin [N, H / 2] of each row's new token, offset (int32 scalar),
+// then per block keys [R, K, H, C], values [R, K, C, H] and a PRED mask [R, C] or [C], where R
+// divides N and row n reads block row n / (N / R) (a prompt block is shared by the N / R
+// consecutive samples of its prompt); the last block has R = N. Attribute `scale` multiplies the
+// scores. Results: the attention [N, K, G, H], then the last block's keys and values with the
+// new token written (meant to alias that block's operands, so the write is in place).
 //
 // Why a kernel: XLA:CPU runs these products as batched dots of G (e.g. 3) rows each, on one
 // core at about a quarter of the memory bandwidth; here each (row, kv head) is one task over
 // both cores, with register-tiled vector products, a vector exp, and no reads past a block's
-// last valid slot.
+// last valid slot. A task rotates its own queries and key and writes its row's new keys and
+// values, into cache lines it is about to read (XLA's separate update of the [H, C] keys wrote
+// one float per line, and its rotations were two more ops per layer).
 
 #include <algorithm>
 #include <atomic>
@@ -40,22 +46,31 @@ struct Block {
 
 struct Problem {
   const float* q;  // [N, K, G, H]
+  const float* new_keys;    // [N, K, H], rotated and written at slot `offset` of the last block
+  const float* new_values;  // [N, K, H]
+  const float* cos;  // [N, H / 2]
+  const float* sin;
+  int64_t offset;
   std::vector<Block> blocks;
+  float* last_keys;  // The last block's keys and values (the results; blocks.back() reads them).
+  float* last_values;
   int64_t rows, kv, groups, head_dim, max_slots;
   float scale;
   float* out;  // [N, K, G, H]
 };
 
-// Scratch of one thread: scores of one block, its mask as floats (1 or 0), and each block's
-// statistics and weighted values.
+// Scratch of one thread: the task's rotated queries and key, scores of one block, its mask as
+// floats (1 or 0), and each block's statistics and weighted values.
 struct Scratch {
   explicit Scratch(const Problem& p)
-      : scores(p.groups * p.max_slots),
+      : query(p.groups * p.head_dim),
+        key(p.head_dim),
+        scores(p.groups * p.max_slots),
         keep(p.max_slots),
         maxima(p.blocks.size() * p.groups),
         sums(p.blocks.size() * p.groups),
         outs(p.blocks.size() * p.groups * p.head_dim) {}
-  std::vector<float> scores, keep, maxima, sums, outs;
+  std::vector<float> query, key, scores, keep, maxima, sums, outs;
 };
 
 // A SIMD register of floats, as a GCC/Clang vector extension: eight lanes with AVX (the library
@@ -175,12 +190,33 @@ void Lanewise(float* x, const float* keep, int64_t C, F f) {
   }
 }
 
+// out[0:H] = x[0:H] rotated by the angles of cos and sin [H / 2], in Hugging Face's rotate_half
+// layout, with the same products and sums as prerl_jax/rope.py's apply_rotation.
+void Rotate(const float* x, const float* cos, const float* sin, int64_t H, float* out) {
+  const int64_t half = H / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    out[j] = x[j] * cos[j] - x[j + half] * sin[j];
+    out[j + half] = x[j + half] * cos[j] + x[j] * sin[j];
+  }
+}
+
 // Row n, kv head k: every block's softmax statistics and weighted values, then their combination.
 // Slots after a block's last valid one (the unwritten end of the block being decoded into) are
 // not read.
 void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
   const int64_t n = task / p.kv, k = task % p.kv, G = p.groups, H = p.head_dim;
-  const float* q = p.q + task * G * H;
+  const float *cos = p.cos + n * (H / 2), *sin = p.sin + n * (H / 2);
+  float* q = scratch.query.data();
+  for (int64_t g = 0; g < G; ++g) Rotate(p.q + (task * G + g) * H, cos, sin, H, q + g * H);
+  {  // This task's row of the last block (which has a row per query row): the new token.
+    const int64_t C = p.blocks.back().slots;
+    float* key = scratch.key.data();
+    Rotate(p.new_keys + task * H, cos, sin, H, key);
+    float* keys = p.last_keys + task * H * C + p.offset;
+    for (int64_t h = 0; h < H; ++h) keys[h * C] = key[h];
+    std::copy(p.new_values + task * H, p.new_values + (task + 1) * H,
+              p.last_values + (task * C + p.offset) * H);
+  }
   const float infinity = std::numeric_limits<float>::infinity();
   for (size_t b = 0; b < p.blocks.size(); ++b) {
     const Block& block = p.blocks[b];
@@ -249,18 +285,37 @@ ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("prerl_decode_attention: " + message);
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::RemainingArgs blocks,
-                           float scale, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> new_keys, ffi::Buffer<ffi::F32> new_values,
+                           ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                           ffi::Buffer<ffi::S32> offset, ffi::RemainingArgs blocks, float scale,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> last_keys,
+                           ffi::ResultBuffer<ffi::F32> last_values) {
   auto qd = q.dimensions();
   if (qd.size() != 4) return Invalid("q must be [rows, kv_heads, groups, head_dim]");
+  for (auto dims : {new_keys.dimensions(), new_values.dimensions()}) {
+    if (dims.size() != 3 || dims[0] != qd[0] || dims[1] != qd[1] || dims[2] != qd[3]) {
+      return Invalid("new keys and values must be [rows, kv_heads, head_dim] like q");
+    }
+  }
+  if (qd[3] % 2 != 0 || cos.element_count() != qd[0] * qd[3] / 2 ||
+      sin.element_count() != cos.element_count()) {
+    return Invalid("cos and sin must be [rows, head_dim / 2] (an even head_dim)");
+  }
+  if (offset.element_count() != 1) return Invalid("offset must be a scalar");
   if (blocks.size() == 0 || blocks.size() % 3 != 0) {
     return Invalid("expected (keys, values, mask) per block, got " + std::to_string(blocks.size()) +
-                   " operands after q");
+                   " operands after the offset");
   }
   // Shared with pool tasks, which may start after this call returns and then find no chunk left.
   auto work = std::make_shared<Work>();
   Problem& p = work->problem;
   p.q = q.typed_data();
+  p.new_keys = new_keys.typed_data();
+  p.new_values = new_values.typed_data();
+  p.cos = cos.typed_data();
+  p.sin = sin.typed_data();
+  p.offset = offset.typed_data()[0];
   p.rows = qd[0], p.kv = qd[1], p.groups = qd[2], p.head_dim = qd[3];
   p.scale = scale;
   p.out = out->typed_data();
@@ -292,6 +347,19 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::R
                              per_row ? kd[3] : 0});
     p.max_slots = std::max(p.max_slots, kd[3]);
   }
+  Block& last = p.blocks.back();
+  if (last.rows != p.rows || p.offset < 0 || p.offset >= last.slots ||
+      last_keys->element_count() != last.rows * p.kv * p.head_dim * last.slots ||
+      last_values->element_count() != last_keys->element_count()) {
+    return Invalid("the last block must have a row per query row, results of its shape and an "
+                   "offset inside it");
+  }
+  p.last_keys = last_keys->typed_data();
+  p.last_values = last_values->typed_data();
+  if (p.last_keys != last.keys || p.last_values != last.values) {
+    return Invalid("the last two results must alias the last block's keys and values "
+                   "(input_output_aliases)");
+  }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   work->tasks = p.rows * p.kv;
   work->chunk = std::max<int64_t>(1, work->tasks / (4 * threads));
@@ -310,7 +378,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::R
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrerlDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // offset
                                   .RemainingArgs()
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // attention
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // last block's keys
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // and values

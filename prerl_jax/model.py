@@ -81,11 +81,12 @@ def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
 def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend):
   """One pre-norm decoder layer on one layer's weights `w` (in the compute dtype).
 
-  `rotation` is `rope.rotation(positions_BxT, ...)` of the layer's tokens.
+  `rotation` is `rope.rotation(positions_BxT, ...)` of the layer's tokens, or None where `attend`
+  rotates the queries and keys itself (the CPU decode kernel does).
 
-  `attend(q_BxTxNxH, k_BxKxHxT, v_BxKxTxH)` does the attention for the new tokens' rotated
-  queries and keys (keys transposed, see CACHE_AXES) against whatever cache it keeps, and returns
-  (attended_BxTxNxH, aux); the layer returns (x_BxTxD, aux).
+  `attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)` does the attention for the new tokens' queries, keys
+  and values against whatever cache it keeps, and returns (attended_BxTxNxH, aux); the layer
+  returns (x_BxTxD, aux).
   """
   h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
   q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
@@ -96,9 +97,9 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend):
   if config.qk_norm:
     q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
     k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
-  q = rope.apply_rotation(q, rotation)
-  k = rope.apply_rotation(k, rotation)
-  attended, aux = attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  if rotation is not None:
+    q, k = rope.apply_rotation(q, rotation), rope.apply_rotation(k, rotation)
+  attended, aux = attend(q, k, v)
   # Heads merged before the output projection: with two contracting axes XLA:CPU transposed the
   # whole [heads, head_dim, D] weight on every decode step (6.6 ms per step for SmolLM2).
   heads_BxTxF = attended.reshape(*attended.shape[:2], -1)
@@ -154,7 +155,8 @@ class Decoder(nnx.Module):
     x = self.embed_tokens(tokens_BxT)
     rotation = rope.rotation(positions_BxT, rope.inverse_frequencies(config))
 
-    def attend(q, k, v):
+    def attend(q, k_BxTxKxH, v_BxTxKxH):
+      k, v = k_BxTxKxH.transpose(0, 2, 3, 1), v_BxTxKxH.transpose(0, 2, 1, 3)  # CACHE_AXES
       return attention(q, k, v, allowed_BxTxT), ((k, v) if return_kv else None)
 
     def layer(x, weights):

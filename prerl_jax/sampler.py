@@ -15,7 +15,7 @@ sampled token, taken BEFORE top-k / top-p truncation (as verl does), so a traine
 by dividing its logits by the same temperature. With `top_k=0, top_p=1` (the RL setting) that is
 exactly the distribution sampled from. Greedy decoding records `log_softmax(logits)`.
 
-Attention in the decode loop (`Sampler(attention=...)`): "xla" is `decode.block_attention`;
+Attention in the decode loop (`Sampler(attention=...)`): "xla" is `decode.write_and_attend`;
 "cpu_kernel" is the same computation as a C++ FFI kernel (`cpu_attention`), for one float32 CPU
 device; "auto" (the default) takes the kernel where it applies and builds, else XLA's.
 """
@@ -31,7 +31,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from prerl_jax import cpu_attention, rope, sharding
-from prerl_jax.decode import block_attention, block_shapes, block_sharding, decode_step
+from prerl_jax.decode import block_shapes, block_sharding, decode_step, write_and_attend
 from prerl_jax.model import Decoder, positions_from_mask
 from prerl_jax.tokenizer import stop_token_ids
 
@@ -321,8 +321,8 @@ class Sampler:
     self.rules = rules
     self.attention = _resolve_attention(attention, model.config.compute_dtype, mesh)
     program = functools.partial(_sample_program, self.graphdef, mesh=mesh, rules=rules,
-                                attention=(cpu_attention.block_attention
-                                           if self.attention == "cpu_kernel" else block_attention))
+                                attention=(cpu_attention.write_and_attend
+                                           if self.attention == "cpu_kernel" else write_and_attend))
     static = (4,)  # config
     if mesh is None:
       self._program = jax.jit(program, static_argnums=static)

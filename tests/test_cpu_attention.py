@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prerl_jax import cpu_attention, decode, sharding
+from prerl_jax import cpu_attention, decode, rope, sharding
 from prerl_jax.sampler import _resolve_attention
 
 needs_kernel = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
@@ -23,53 +23,78 @@ def _block(rng, rows, kv, head_dim, slots, mask):
   return jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask)
 
 
+def _new_token(rng, rows, kv, head_dim):
+  """Keys and values [N, 1, K, H] of a new token, and its rotation at positions up to 4000."""
+  keys = rng.normal(size=(rows, 1, kv, head_dim)).astype(np.float32)
+  values = rng.normal(size=(rows, 1, kv, head_dim)).astype(np.float32)
+  inverse_frequencies = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
+  rotation = rope.rotation(jnp.asarray(rng.integers(0, 4000, (rows, 1))),
+                           inverse_frequencies.astype(np.float32))
+  return jnp.asarray(keys), jnp.asarray(values), rotation
+
+
+def _assert_matches_xla(q, new_token, offset, blocks, kernel=cpu_attention.write_and_attend,
+                        atol=2e-6):
+  """The kernel's attention equals XLA's within float32 rounding, and so does its updated last
+  block (its values exactly; its rotated keys to an ulp, as a build with FMA instructions may fuse
+  the rotation's products); returns the kernel's attention."""
+  expected, expected_blocks = jax.jit(decode.write_and_attend)(q, *new_token, offset, blocks)
+  got, got_blocks = jax.jit(kernel)(q, *new_token, offset, blocks)
+  assert got.shape == expected.shape == q.shape
+  assert float(jnp.abs(expected).max()) > 0.5
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=atol, rtol=1e-5)
+  (got_k, got_v, got_mask), (expected_k, expected_v, _) = got_blocks[-1], expected_blocks[-1]
+  np.testing.assert_allclose(np.asarray(got_k), np.asarray(expected_k), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got_v), np.asarray(expected_v))
+  np.testing.assert_array_equal(np.asarray(got_mask), np.asarray(blocks[-1][2]))
+  assert not np.array_equal(np.asarray(got_blocks[-1][0]), np.asarray(blocks[-1][0]))
+  return got
+
+
 @needs_kernel
 @pytest.mark.parametrize("kv,groups,head_dim", [(2, 3, 16), (1, 4, 8), (3, 1, 64)])
 def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
   rng = np.random.default_rng(kv * 10 + groups)
   rows, prompts = 12, 3
   q = jnp.asarray(rng.normal(size=(rows, 1, kv * groups, head_dim)).astype(np.float32)) * 3
+  new_token = _new_token(rng, rows, kv, head_dim)
   prompt_mask = rng.random((prompts, 9)) < 0.6
   prompt_mask[0] = False  # A prompt with no valid slot in this block.
   blocks = [_block(rng, prompts, kv, head_dim, 9, prompt_mask),  # Shared by 4 rows each.
             _block(rng, rows, kv, head_dim, 5, np.ones(5, bool)),
             _block(rng, rows, kv, head_dim, 7, np.arange(7) <= 2)]  # Partly filled last block.
-  expected = jax.jit(decode.block_attention)(q, blocks)
-  got = jax.jit(cpu_attention.block_attention)(q, blocks)
-  assert got.shape == expected.shape == q.shape
-  assert float(jnp.abs(expected).max()) > 0.5
-  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-6, rtol=1e-5)
+  got = _assert_matches_xla(q, new_token, 2, blocks)
   # Masked slots do not count: changing their keys and values changes nothing.
-  k, v, m = blocks[2]
-  blocks[2] = (k.at[..., 3:].set(100.0), v.at[:, :, 3:].set(-100.0), m)
-  np.testing.assert_allclose(np.asarray(jax.jit(cpu_attention.block_attention)(q, blocks)),
-                             np.asarray(got), atol=1e-6)
+  last_k, last_v, last_mask = blocks[2]
+  blocks[2] = (last_k.at[..., 3:].set(100.0), last_v.at[:, :, 3:].set(-100.0), last_mask)
+  changed, _ = jax.jit(cpu_attention.write_and_attend)(q, *new_token, 2, blocks)
+  np.testing.assert_allclose(np.asarray(changed), np.asarray(got), atol=1e-6)
 
 
 @needs_kernel
-@pytest.mark.parametrize("head_dim,q_scale", [(64, 1.0), (128, 1.0), (64, 40.0)])
-def test_kernel_matches_xla_on_wide_blocks(head_dim, q_scale):
+@pytest.mark.parametrize("head_dim,q_scale,atol", [(64, 1.0, 2e-6), (128, 1.0, 2e-6),
+                                                   (64, 40.0, 1e-5)])
+def test_kernel_matches_xla_on_wide_blocks(head_dim, q_scale, atol):
   """Blocks wide enough for the kernel's vector tiles (64-, 8-lane and overlapping last tiles);
-  q_scale=40 spreads scores over hundreds, so exp meets arguments below -87."""
+  q_scale=40 spreads scores over hundreds, so exp meets arguments below -87 (and a score's
+  float32 rounding, about 3e-5 at that size, moves the softmax by more than at q_scale=1)."""
   rng = np.random.default_rng(head_dim)
   rows, prompts, kv, groups = 8, 2, 2, 3
   q = jnp.asarray(rng.normal(size=(rows, 1, kv * groups, head_dim)).astype(np.float32)) * q_scale
+  new_token = _new_token(rng, rows, kv, head_dim)
   prompt_mask = np.arange(70)[None, :] >= np.array([[5], [37]])  # Left-padded prompts.
   last_mask = np.arange(19) <= 10
   last_mask[4] = False  # A masked slot inside the filled part.
   blocks = [_block(rng, prompts, kv, head_dim, 70, prompt_mask),
             _block(rng, rows, kv, head_dim, 64, np.ones(64, bool)),
             _block(rng, rows, kv, head_dim, 19, last_mask)]
-  expected = jax.jit(decode.block_attention)(q, blocks)
-  got = jax.jit(cpu_attention.block_attention)(q, blocks)
-  assert float(jnp.abs(expected).max()) > 0.5
-  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-6, rtol=1e-5)
+  got = _assert_matches_xla(q, new_token, 10, blocks, atol=atol)
   # Masked slots contribute exactly nothing, even where their scores overflow to inf.
-  k, v, m = blocks[2]
-  hole = ~np.asarray(m)
-  blocks[2] = (jnp.where(hole, 1e38, k), jnp.where(hole[:, None], 1e30, v), m)
-  np.testing.assert_array_equal(np.asarray(jax.jit(cpu_attention.block_attention)(q, blocks)),
-                                np.asarray(got))
+  last_k, last_v, last_mask = blocks[2]
+  hole = ~np.asarray(last_mask)
+  blocks[2] = (jnp.where(hole, 1e38, last_k), jnp.where(hole[:, None], 1e30, last_v), last_mask)
+  changed, _ = jax.jit(cpu_attention.write_and_attend)(q, *new_token, 10, blocks)
+  np.testing.assert_array_equal(np.asarray(changed), np.asarray(got))
 
 
 @needs_kernel
@@ -80,24 +105,39 @@ def test_portable_build_matches_xla(tmp_path):
   subprocess.run(cpu_attention.compile_command(cpu_attention._compiler(), library, native=False),
                  check=True, capture_output=True)
   cpu_attention.register(library, "prerl_decode_attention_portable")
-  portable = functools.partial(cpu_attention.block_attention,
+  portable = functools.partial(cpu_attention.write_and_attend,
                                target="prerl_decode_attention_portable")
   rng = np.random.default_rng(5)
   q = jnp.asarray(rng.normal(size=(6, 1, 4, 32)).astype(np.float32)) * 4
+  new_token = _new_token(rng, 6, 2, 32)
   blocks = [_block(rng, 3, 2, 32, 21, np.arange(21)[None, :] >= np.array([[0], [3], [20]])),
             _block(rng, 6, 2, 32, 13, np.arange(13) <= 6)]
-  np.testing.assert_allclose(np.asarray(jax.jit(portable)(q, blocks)),
-                             np.asarray(jax.jit(decode.block_attention)(q, blocks)),
-                             atol=2e-6, rtol=1e-5)
+  _assert_matches_xla(q, new_token, 6, blocks, kernel=portable)
 
 
 @needs_kernel
 def test_kernel_rejects_non_float32_caches():
   rng = np.random.default_rng(0)
   q = jnp.zeros((2, 1, 2, 8), jnp.bfloat16)
+  new_token = _new_token(rng, 2, 1, 8)
   blocks = [_block(rng, 2, 1, 8, 4, np.ones(4, bool))]
   with pytest.raises(TypeError, match="float32.*attention='xla'"):
-    cpu_attention.block_attention(q, blocks)
+    cpu_attention.write_and_attend(q, *new_token, 0, blocks)
+
+
+@needs_kernel
+def test_kernel_requires_the_last_block_aliased():
+  """Called without aliasing its results to the last block, the kernel refuses (it writes the new
+  token into that block in place)."""
+  rng = np.random.default_rng(1)
+  keys, values, mask = _block(rng, 2, 1, 8, 4, np.ones(4, bool))
+  call = jax.ffi.ffi_call(cpu_attention.TARGET, (jax.ShapeDtypeStruct((2, 1, 2, 8), jnp.float32),
+                                                 jax.ShapeDtypeStruct(keys.shape, jnp.float32),
+                                                 jax.ShapeDtypeStruct(values.shape, jnp.float32)))
+  with pytest.raises(Exception, match="must alias the last block"):
+    jax.block_until_ready(call(jnp.ones((2, 1, 2, 8)), jnp.ones((2, 1, 8)), jnp.ones((2, 1, 8)),
+                               jnp.ones((2, 4)), jnp.zeros((2, 4)), jnp.int32(0), keys, values,
+                               mask, scale=np.float32(1.0)))
 
 
 def test_resolve_attention_choices():
