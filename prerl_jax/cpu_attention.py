@@ -123,20 +123,19 @@ def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks,
   new_k_NxKxH = k_NxTxKxH.reshape(rows, num_kv, head_dim)
   new_v_NxKxH = v_NxTxKxH.reshape(rows, num_kv, head_dim)
   cos_NxH2, sin_NxH2 = (x.reshape(rows, head_dim // 2) for x in rotation)
-  operands = ([q_NxKxGxH, new_k_NxKxH, new_v_NxKxH, cos_NxH2, sin_NxH2]
-              + [x for block in blocks for x in block])
-  for x in operands:
+  new_token = [q_NxKxGxH, new_k_NxKxH, new_v_NxKxH, cos_NxH2, sin_NxH2]
+  block_arrays = [x for block in blocks for x in block]
+  for x in new_token + block_arrays:
     if x.dtype not in (jnp.float32, jnp.bool_):
       raise TypeError(f"the CPU decode-attention kernel takes float32 and bool arrays, got "
                       f"{x.dtype}; use Sampler(attention='xla') for {x.dtype} caches")
   last_k, last_v, last_mask = blocks[-1]
-  first_last = 6 + 3 * (len(blocks) - 1)  # Operand index of the last block's keys.
+  last_keys_index = len(new_token) + 1 + len(block_arrays) - 3  # Operand index (after offset).
   out, last_k, last_v = jax.ffi.ffi_call(
       target, (jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32),
                jax.ShapeDtypeStruct(last_k.shape, jnp.float32),
                jax.ShapeDtypeStruct(last_v.shape, jnp.float32)),
-      input_output_aliases={first_last: 1, first_last + 1: 2},
-  )(*operands[:5], jnp.asarray(offset, jnp.int32), *operands[5:],
-    scale=np.float32(head_dim**-0.5))
+      input_output_aliases={last_keys_index: 1, last_keys_index + 1: 2},
+  )(*new_token, jnp.asarray(offset, jnp.int32), *block_arrays, scale=np.float32(head_dim**-0.5))
   return (out.reshape(rows, length, num_heads, head_dim),
           blocks[:-1] + [(last_k, last_v, last_mask)])

@@ -60,18 +60,17 @@ struct Problem {
   float* out;  // [N, K, G, H]
 };
 
-// Scratch of one thread: the task's rotated queries and key, scores of one block, its mask as
-// floats (1 or 0), and each block's statistics and weighted values.
+// Scratch of one thread: the task's rotated queries, scores of one block, its mask as floats
+// (1 or 0), and each block's statistics and weighted values.
 struct Scratch {
   explicit Scratch(const Problem& p)
       : query(p.groups * p.head_dim),
-        key(p.head_dim),
         scores(p.groups * p.max_slots),
         keep(p.max_slots),
         maxima(p.blocks.size() * p.groups),
         sums(p.blocks.size() * p.groups),
         outs(p.blocks.size() * p.groups * p.head_dim) {}
-  std::vector<float> query, key, scores, keep, maxima, sums, outs;
+  std::vector<float> query, scores, keep, maxima, sums, outs;
 };
 
 // A SIMD register of floats, as a GCC/Clang vector extension: eight lanes with AVX (the library
@@ -191,13 +190,15 @@ void Lanewise(float* x, const float* keep, int64_t C, F f) {
   }
 }
 
-// out[0:H] = x[0:H] rotated by the angles of cos and sin [H / 2], in Hugging Face's rotate_half
-// layout, with the same products and sums as prerl_jax/rope.py's apply_rotation.
-void Rotate(const float* x, const float* cos, const float* sin, int64_t H, float* out) {
+// out[h * stride] for h < H = x[0:H] rotated by the angles of cos and sin [H / 2], in Hugging
+// Face's rotate_half layout, with the same products and sums as prerl_jax/rope.py's
+// apply_rotation.
+void Rotate(const float* x, const float* cos, const float* sin, int64_t H, float* out,
+            int64_t stride) {
   const int64_t half = H / 2;
   for (int64_t j = 0; j < half; ++j) {
-    out[j] = x[j] * cos[j] - x[j + half] * sin[j];
-    out[j + half] = x[j + half] * cos[j] + x[j] * sin[j];
+    out[j * stride] = x[j] * cos[j] - x[j + half] * sin[j];
+    out[(j + half) * stride] = x[j + half] * cos[j] + x[j] * sin[j];
   }
 }
 
@@ -208,13 +209,11 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
   const int64_t n = task / p.kv, k = task % p.kv, G = p.groups, H = p.head_dim;
   const float *cos = p.cos + n * (H / 2), *sin = p.sin + n * (H / 2);
   float* q = scratch.query.data();
-  for (int64_t g = 0; g < G; ++g) Rotate(p.q + (task * G + g) * H, cos, sin, H, q + g * H);
-  {  // This task's row of the last block (which has a row per query row): the new token.
+  for (int64_t g = 0; g < G; ++g) Rotate(p.q + (task * G + g) * H, cos, sin, H, q + g * H, 1);
+  {  // This task's row of the last block (which has a row per query row): the new token, its key
+     // rotated into column `offset` of the [H, C] keys.
     const int64_t C = p.blocks.back().slots;
-    float* key = scratch.key.data();
-    Rotate(p.new_keys + task * H, cos, sin, H, key);
-    float* keys = p.last_keys + task * H * C + p.offset;
-    for (int64_t h = 0; h < H; ++h) keys[h * C] = key[h];
+    Rotate(p.new_keys + task * H, cos, sin, H, p.last_keys + task * H * C + p.offset, C);
     std::copy(p.new_values + task * H, p.new_values + (task + 1) * H,
               p.last_values + (task * C + p.offset) * H);
   }

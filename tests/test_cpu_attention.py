@@ -1,5 +1,5 @@
-"""The CPU decode-attention kernel: same result as decode.block_attention, how the sampler picks
-it, and what happens when it cannot be built."""
+"""The CPU decode-attention kernel: same results as decode.write_and_attend, how the sampler
+picks it, and what happens when it cannot be built."""
 
 import functools
 import os
