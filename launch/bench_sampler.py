@@ -18,7 +18,7 @@ from flax import nnx
 import bench_common
 from prerl_jax import presets
 from prerl_jax.loading import load_model
-from prerl_jax.sampler import ATTENTION_CHOICES, Sampler, SamplingConfig, prompt_batch
+from prerl_jax.sampler import KERNEL_CHOICES, Sampler, SamplingConfig, prompt_batch
 
 TEXTS = (
     "The history of mathematics spans thousands of years, from counting with tally marks",
@@ -85,8 +85,8 @@ def main(argv, as_json: bool):
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--skip-transformers", action="store_true")
-  parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                      help="the sampler's decode attention (prerl_jax/sampler.py)")
+  parser.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                      help="the sampler's decode code (prerl_jax/sampler.py)")
   args = parser.parse_args(argv)
 
   model, tokenizer = load_model("smollm2-135m")
@@ -95,7 +95,7 @@ def main(argv, as_json: bool):
   config = SamplingConfig(max_new_tokens=args.new_tokens, pad_id=tokenizer.pad_token_id,
                           stop_ids=(), temperature=args.temperature, n=args.n)
   tokens, mask = prompt_batch(prompts, config)
-  sampler = Sampler(model, attention=args.attention)
+  sampler = Sampler(model, kernels=args.kernels)
   state = nnx.state(model)
   start = time.perf_counter()
   jax.block_until_ready(sampler.sample(state, tokens, mask, jax.random.key(0), config))
@@ -106,7 +106,7 @@ def main(argv, as_json: bool):
   rows = len(prompts) * args.n
   generated = rows * args.new_tokens
   results = {"rows": rows, "new_tokens": args.new_tokens, "prompt_bucket": tokens.shape[1],
-             "attention": sampler.attention,
+             "kernels": sampler.kernels,
              "ours_s": ours_s, "ours_tokens_per_s": generated / ours_s,
              "ours_first_call_s": compile_and_first_s}
 
@@ -144,7 +144,7 @@ def main(argv, as_json: bool):
   lines = [
       f"sampler: SmolLM2-135M, {len(prompts)} prompts x n={args.n}, prompt bucket "
       f"{tokens.shape[1]}, {args.new_tokens} new tokens, float32, {jax.devices()[0].platform}, "
-      f"{sampler.attention} attention",
+      f"{sampler.kernels} decode kernels",
       f"  ours:         {results['ours_tokens_per_s']:8.1f} tokens/s ({ours_s:.2f} s; first call "
       f"with compile {compile_and_first_s:.1f} s)",
       f"  roofline:     {results['roofline_tokens_per_s']:8.1f} tokens/s (step "

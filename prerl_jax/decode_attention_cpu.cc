@@ -4,7 +4,7 @@
 // queries and keys are rotated (rotary embeddings), its keys and values are written at slot
 // `offset` of the last cache block, then one query token per row attends over all the blocks;
 // each block gets its own softmax statistics, combined at the end as in flash-decoding. Built
-// and registered by prerl_jax/cpu_attention.py.
+// and registered by prerl_jax/cpu_kernels.py.
 //
 // Operands: q [N, K, G, H], the new keys [N, K, H] and values [N, K, H] (q and the keys not yet
 // rotated), the rotary cos and sin [N, H / 2] of each row's new token, offset (int32 scalar),
@@ -22,16 +22,14 @@
 // one float per line, and its rotations were two more ops per layer).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "cpu_kernel_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -265,22 +263,6 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
   }
 }
 
-// Work shared by the calling thread and the pool's: chunks of tasks taken in order.
-struct Work {
-  Problem problem;
-  int64_t tasks = 0, chunk = 1, chunks = 0;
-  std::atomic<int64_t> next{0}, finished{0};
-};
-
-void RunChunks(Work& work) {
-  Scratch scratch(work.problem);
-  for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
-    const int64_t end = std::min(work.tasks, (c + 1) * work.chunk);
-    for (int64_t t = c * work.chunk; t < end; ++t) AttendOne(work.problem, t, scratch);
-    work.finished.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("prerl_decode_attention: " + message);
 }
@@ -307,9 +289,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return Invalid("expected (keys, values, mask) per block, got " + std::to_string(blocks.size()) +
                    " operands after the offset");
   }
-  // Shared with pool tasks, which may start after this call returns and then find no chunk left.
-  auto work = std::make_shared<Work>();
-  Problem& p = work->problem;
+  Problem p;
   p.q = q.typed_data();
   p.new_keys = new_keys.typed_data();
   p.new_values = new_values.typed_data();
@@ -360,16 +340,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return Invalid("the last two results must alias the last block's keys and values "
                    "(input_output_aliases)");
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->tasks = p.rows * p.kv;
-  work->chunk = std::max<int64_t>(1, work->tasks / (4 * threads));
-  work->chunks = (work->tasks + work->chunk - 1) / work->chunk;
-  for (int64_t i = 1; i < std::min(threads, work->chunks); ++i) {
-    pool.Schedule([work] { RunChunks(*work); });
-  }
-  RunChunks(*work);
-  // Every chunk is taken; wait for those still running on other threads.
-  while (work->finished.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  prerl_jax::ParallelTasks(pool, p.rows * p.kv, 4, [p] {
+    return [&p, scratch = Scratch(p)](int64_t task) mutable { AttendOne(p, task, scratch); };
+  });
   return ffi::Error::Success();
 }
 

@@ -219,8 +219,8 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
   prompts = jax.ShapeDtypeStruct((rollout.prompts_per_step, width), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, 2))
   # Sampler.sample needs concrete prompts: its jitted program is traced directly instead.
-  # XLA's attention, as an accelerator runs it (the CPU kernel would hide its temporaries).
-  sampler = sampler_lib.Sampler(abstract_model, mesh, attention="xla")
+  # XLA's decode code, as an accelerator runs it (the CPU kernels would hide its temporaries).
+  sampler = sampler_lib.Sampler(abstract_model, mesh, kernels="xla")
   sample_program = sampler._program  # pylint: disable=W0212
   sampler_traced = sample_program.trace(
       state.params, prompts, prompts.update(dtype=jnp.bool_),

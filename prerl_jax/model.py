@@ -6,6 +6,8 @@ Per-layer weights are stacked along a leading `layers` axis and the layers run u
 logical axis names (`Param(..., logical_axes=...)`), which `prerl_jax.sharding` maps to mesh axes.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,6 +32,8 @@ LAYER_AXES = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
+# How many leading axes of each product's weight it contracts (the rest are its outputs).
+INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 # Per-layer KV cache blocks (prerl_jax.decode). Keys are kept transposed (head_dim before slots)
 # so the score product contracts the second-minor axis of both operands, as the value product does.
 CACHE_AXES = {"k": ("batch", "kv_heads", "head_dim", "cache_length"),
@@ -65,6 +69,16 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def dense(x_BxTxF, w):
+  """x times a weight whose leading axes multiply to x's last axis; the result has w's other
+  axes (w is merged to [F, outputs] first: with two contracting axes XLA:CPU transposed the
+  whole wo weight on every decode step, 6.6 ms per step for SmolLM2)."""
+  inputs = x_BxTxF.shape[-1]
+  split = next(i for i in range(1, w.ndim + 1) if math.prod(w.shape[:i]) == inputs)
+  out = jnp.einsum("btf,fo->bto", x_BxTxF, w.reshape(inputs, -1))
+  return out.reshape(*out.shape[:2], *w.shape[split:])
+
+
 def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
   """Grouped-query attention with a boolean mask; scores and softmax in float32."""
   batch, length, num_heads, head_dim = q_BxTxNxH.shape
@@ -78,8 +92,11 @@ def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
   return out.reshape(batch, length, num_heads, head_dim)
 
 
-def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend):
+def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend, product=dense):
   """One pre-norm decoder layer on one layer's weights `w` (in the compute dtype).
+
+  `product(x, w[name])` computes each weight product (`dense`, or the CPU kernel's `matmul` on
+  packed weights).
 
   `rotation` is `rope.rotation(positions_BxT, ...)` of the layer's tokens, or None where `attend`
   rotates the queries and keys itself (the CPU decode kernel does).
@@ -89,9 +106,7 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend):
   returns (x_BxTxD, aux).
   """
   h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-  k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
-  v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+  q, k, v = product(h, w["wq"]), product(h, w["wk"]), product(h, w["wv"])
   if config.attention_bias:
     q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
   if config.qk_norm:
@@ -100,14 +115,10 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend):
   if rotation is not None:
     q, k = rope.apply_rotation(q, rotation), rope.apply_rotation(k, rotation)
   attended, aux = attend(q, k, v)
-  # Heads merged before the output projection: with two contracting axes XLA:CPU transposed the
-  # whole [heads, head_dim, D] weight on every decode step (6.6 ms per step for SmolLM2).
-  heads_BxTxF = attended.reshape(*attended.shape[:2], -1)
-  x = x_BxTxD + jnp.einsum("btf,fd->btd", heads_BxTxF, w["wo"].reshape(-1, w["wo"].shape[-1]))
+  x = x_BxTxD + product(attended.reshape(*attended.shape[:2], -1), w["wo"])
   h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
-  up = jnp.einsum("btd,df->btf", h, w["w_up"])
-  return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"]), aux
+  gated = jax.nn.silu(product(h, w["w_gate"])) * product(h, w["w_up"])
+  return x + product(gated, w["w_down"]), aux
 
 
 class Decoder(nnx.Module):
@@ -187,14 +198,16 @@ class Decoder(nnx.Module):
     return [{name: p[...][i].astype(dtype) for name, p in self.layers.items()}
             for i in range(self.config.num_layers)]
 
-  def logits(self, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
-    """Vocabulary logits (float32) of final hidden states."""
+  def head(self) -> jnp.ndarray:
+    """The output projection [D, vocab] in the compute dtype (the embedding when tied)."""
     dtype = self.config.compute_dtype
     if self.config.tie_word_embeddings:
-      head = self.embed[...].astype(dtype).T
-    else:
-      head = self.lm_head[...].astype(dtype)
-    return jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dtype), head,
+      return self.embed[...].astype(dtype).T
+    return self.lm_head[...].astype(dtype)
+
+  def logits(self, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
+    """Vocabulary logits (float32) of final hidden states."""
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(self.config.compute_dtype), self.head(),
                       preferred_element_type=jnp.float32)
 
 

@@ -15,9 +15,11 @@ sampled token, taken BEFORE top-k / top-p truncation (as verl does), so a traine
 by dividing its logits by the same temperature. With `top_k=0, top_p=1` (the RL setting) that is
 exactly the distribution sampled from. Greedy decoding records `log_softmax(logits)`.
 
-Attention in the decode loop (`Sampler(attention=...)`): "xla" is `decode.write_and_attend`;
-"cpu_kernel" is the same computation as a C++ FFI kernel (`cpu_attention`), for one float32 CPU
-device; "auto" (the default) takes the kernel where it applies and builds, else XLA's.
+The decode loop's code (`Sampler(kernels=...)`): "xla" is `decode.write_and_attend` and
+`model.dense`; "cpu" is the same computation in C++ FFI kernels for one float32 CPU device
+(`cpu_attention.write_and_attend`, and `cpu_matmul.matmul` over weights packed once per call,
+for the layers' products and the logits); "auto" (the default) takes "cpu" where it applies and
+the kernels build, else "xla". The prefill runs XLA's code in both.
 """
 
 import dataclasses
@@ -30,9 +32,9 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from prerl_jax import cpu_attention, rope, sharding
+from prerl_jax import cpu_attention, cpu_kernels, cpu_matmul, rope, sharding
 from prerl_jax.decode import block_shapes, block_sharding, decode_step, write_and_attend
-from prerl_jax.model import Decoder, positions_from_mask
+from prerl_jax.model import Decoder, dense, positions_from_mask
 from prerl_jax.tokenizer import stop_token_ids
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -190,7 +192,7 @@ def _choose(logits_NxV, key, config: SamplingConfig):
 
 
 def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
-                    config: SamplingConfig, mesh, rules, attention):
+                    config: SamplingConfig, mesh, rules, kernels):
   """Prefill, then decode until every row has stopped or `max_new_tokens` are sampled."""
   model: Decoder = nnx.merge(graphdef, state)
   batch, _ = prompt_tokens_BxP.shape
@@ -212,6 +214,13 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
   # The prompt block of every layer: each prompt once, shared by its n samples.
   prompt_blocks = [(keys[i], values[i], prompt_mask_BxP) for i in range(model.config.num_layers)]
   layer_weights = model.layer_weights()
+  if kernels == "cpu":
+    layer_weights = [cpu_matmul.pack_layer(w) for w in layer_weights]
+    head = cpu_matmul.pack(model.head())
+    attention, product, logits = (cpu_attention.write_and_attend, cpu_matmul.matmul,
+                                  lambda hidden: cpu_matmul.matmul(hidden, head))
+  else:
+    attention, product, logits = write_and_attend, dense, model.logits
 
   repeat = lambda x: jnp.repeat(x, n, axis=0)
   prompt_lengths_N = repeat(prompt_mask_BxP.sum(axis=1, dtype=jnp.int32))
@@ -255,9 +264,9 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
       cache = [blocks + [(k, v, filled_C)] for blocks, (k, v) in zip(earlier_blocks, block)]
       rotation = tuple(jax.lax.dynamic_slice_in_dim(r, step, 1, axis=1) for r in rotations)
       hidden_Nx1xD, cache = decode_step(model, layer_weights, cache, token_N, rotation,
-                                        offset, attention)
+                                        offset, attention, product)
       block = [blocks[-1][:2] for blocks in cache]
-      token_N, outputs = emit(step, model.logits(hidden_Nx1xD)[:, 0], outputs)
+      token_N, outputs = emit(step, logits(hidden_Nx1xD)[:, 0], outputs)
       return step + 1, token_N, block, outputs
 
     _, token_N, block, outputs = jax.lax.while_loop(
@@ -280,26 +289,26 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
                       prompt_mask_NxP=repeat(prompt_mask_BxP))
 
 
-ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
+KERNEL_CHOICES = ("auto", "xla", "cpu")
 
 
-def _resolve_attention(choice: str, compute_dtype, mesh: Mesh | None) -> str:
-  """The attention `Sampler(attention=choice)` runs, "xla" or "cpu_kernel" (module docstring)."""
-  if choice not in ATTENTION_CHOICES:
-    raise ValueError(f"Sampler attention={choice!r}: expected one of {ATTENTION_CHOICES}")
+def _resolve_kernels(choice: str, compute_dtype, mesh: Mesh | None) -> str:
+  """The decode code `Sampler(kernels=choice)` runs, "xla" or "cpu" (module docstring)."""
+  if choice not in KERNEL_CHOICES:
+    raise ValueError(f"Sampler kernels={choice!r}: expected one of {KERNEL_CHOICES}")
   if choice == "xla":
     return choice
   devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
   fits = (len(devices) == 1 and devices[0].platform == "cpu"
           and jnp.dtype(compute_dtype) == jnp.float32)
   if choice == "auto":
-    return "cpu_kernel" if fits and cpu_attention.unavailable_reason() is None else "xla"
+    return "cpu" if fits and cpu_kernels.unavailable_reason() is None else "xla"
   if not fits:
-    raise ValueError(f"Sampler attention='cpu_kernel' needs one CPU device and float32 compute, "
+    raise ValueError(f"Sampler kernels='cpu' needs one CPU device and float32 compute, "
                      f"got {len(devices)} {devices[0].platform} device(s) and {compute_dtype}")
-  reason = cpu_attention.unavailable_reason()
+  reason = cpu_kernels.unavailable_reason()
   if reason is not None:
-    raise RuntimeError(f"Sampler attention='cpu_kernel': {reason}")
+    raise RuntimeError(f"Sampler kernels='cpu': {reason}")
   return choice
 
 
@@ -310,19 +319,18 @@ class Sampler:
   `sampler.sample(state, tokens_BxP, mask_BxP, key, config)` with `state = nnx.state(model)`
   (the current parameters) and prompts from `prompt_batch`. Under a mesh the prompt batch is
   split over the `data` and `fsdp` axes and the parameters are sharded by `rules`.
-  `attention` is "auto", "xla" or "cpu_kernel" (module docstring); `self.attention` is the choice.
+  `kernels` is "auto", "xla" or "cpu" (module docstring); `self.kernels` is the choice.
   """
 
   def __init__(self, model: Decoder, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
-               attention: str = "auto"):
+               kernels: str = "auto"):
     self.graphdef, state = nnx.split(model)
     self.model_config = model.config
     self.mesh = mesh
     self.rules = rules
-    self.attention = _resolve_attention(attention, model.config.compute_dtype, mesh)
+    self.kernels = _resolve_kernels(kernels, model.config.compute_dtype, mesh)
     program = functools.partial(_sample_program, self.graphdef, mesh=mesh, rules=rules,
-                                attention=(cpu_attention.write_and_attend
-                                           if self.attention == "cpu_kernel" else write_and_attend))
+                                kernels=self.kernels)
     static = (4,)  # config
     if mesh is None:
       self._program = jax.jit(program, static_argnums=static)

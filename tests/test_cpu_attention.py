@@ -1,5 +1,5 @@
 """The CPU decode-attention kernel: same results as decode.write_and_attend, how the sampler
-picks it, and what happens when it cannot be built."""
+picks the CPU kernels, and what happens when they cannot be built."""
 
 import functools
 import os
@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prerl_jax import cpu_attention, decode, rope, sharding
-from prerl_jax.sampler import _resolve_attention
+from prerl_jax import cpu_attention, cpu_kernels, cpu_matmul, decode, rope, sharding
+from prerl_jax.model import dense
+from prerl_jax.sampler import _resolve_kernels
 
-needs_kernel = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
+needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason="no working C++ compiler")
 
 
@@ -99,12 +100,12 @@ def test_kernel_matches_xla_on_wide_blocks(head_dim, q_scale, atol):
 
 @needs_kernel
 def test_portable_build_matches_xla(tmp_path):
-  """The kernel built without -march=native (the fallback build: 4-lane SSE / NEON vectors where
-  the native one has 8-lane AVX) computes the same attention."""
+  """The kernels built without -march=native (the fallback build: 4-lane SSE / NEON vectors where
+  the native one has 8-lane AVX) compute the same attention and products."""
   library = str(tmp_path / "portable.so")
-  subprocess.run(cpu_attention.compile_command(cpu_attention._compiler(), library, native=False),
+  subprocess.run(cpu_kernels.compile_command(cpu_kernels.compiler(), library, native=False),
                  check=True, capture_output=True)
-  cpu_attention.register(library, "prerl_decode_attention_portable")
+  cpu_kernels.register(library, "_portable")
   portable = functools.partial(cpu_attention.write_and_attend,
                                target="prerl_decode_attention_portable")
   rng = np.random.default_rng(5)
@@ -113,6 +114,11 @@ def test_portable_build_matches_xla(tmp_path):
   blocks = [_block(rng, 3, 2, 32, 21, np.arange(21)[None, :] >= np.array([[0], [3], [20]])),
             _block(rng, 6, 2, 32, 13, np.arange(13) <= 6)]
   _assert_matches_xla(q, new_token, 6, blocks, kernel=portable)
+  x, w = jnp.asarray(rng.normal(size=(1, 5, 30)).astype(np.float32)), rng.normal(size=(30, 2, 20))
+  packed = cpu_matmul.pack(jnp.asarray(w.astype(np.float32)))
+  np.testing.assert_allclose(
+      np.asarray(cpu_matmul.matmul(x, packed, target="prerl_packed_matmul_portable")),
+      np.asarray(dense(x, jnp.asarray(w.astype(np.float32)))), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -121,7 +127,7 @@ def test_kernel_rejects_non_float32_caches():
   q = jnp.zeros((2, 1, 2, 8), jnp.bfloat16)
   new_token = _new_token(rng, 2, 1, 8)
   blocks = [_block(rng, 2, 1, 8, 4, np.ones(4, bool))]
-  with pytest.raises(TypeError, match="float32.*attention='xla'"):
+  with pytest.raises(TypeError, match="float32.*kernels='xla'"):
     cpu_attention.write_and_attend(q, *new_token, 0, blocks)
 
 
@@ -140,17 +146,17 @@ def test_kernel_requires_the_last_block_aliased():
                                mask, scale=np.float32(1.0)))
 
 
-def test_resolve_attention_choices():
-  assert _resolve_attention("xla", jnp.float32, None) == "xla"
-  assert _resolve_attention("auto", jnp.bfloat16, None) == "xla"
+def test_resolve_kernel_choices():
+  assert _resolve_kernels("xla", jnp.float32, None) == "xla"
+  assert _resolve_kernels("auto", jnp.bfloat16, None) == "xla"
   mesh = sharding.make_mesh(2, 2, 2)
-  assert _resolve_attention("auto", jnp.float32, mesh) == "xla"
-  with pytest.raises(ValueError, match="attention='flash'.*expected one of"):
-    _resolve_attention("flash", jnp.float32, None)
+  assert _resolve_kernels("auto", jnp.float32, mesh) == "xla"
+  with pytest.raises(ValueError, match="kernels='flash'.*expected one of"):
+    _resolve_kernels("flash", jnp.float32, None)
   with pytest.raises(ValueError, match="one CPU device and float32.*8 cpu device"):
-    _resolve_attention("cpu_kernel", jnp.float32, mesh)
-  if cpu_attention.unavailable_reason() is None:
-    assert _resolve_attention("auto", jnp.float32, None) == "cpu_kernel"
+    _resolve_kernels("cpu", jnp.float32, mesh)
+  if cpu_kernels.unavailable_reason() is None:
+    assert _resolve_kernels("auto", jnp.float32, None) == "cpu"
 
 
 def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
@@ -160,18 +166,19 @@ def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
                       "echo 'no such flag' >&2\nexit 1\n")
   compiler.chmod(0o755)
   monkeypatch.setenv("PRERL_JAX_CACHE", str(tmp_path / "cache"))
-  with pytest.raises(RuntimeError, match="decode_attention_cpu.cc with .*broken-c\\+\\+ failed"):
-    cpu_attention.build(str(compiler))
+  with pytest.raises(RuntimeError,
+                     match="decode_attention_cpu.cc and .*packed_matmul_cpu.cc with .*broken-c"):
+    cpu_kernels.build(str(compiler))
   assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
 
 
 @needs_kernel
 def test_build_is_cached(tmp_path, monkeypatch):
   monkeypatch.setenv("PRERL_JAX_CACHE", str(tmp_path))
-  compiler = cpu_attention._compiler()  # pylint: disable=W0212
-  path = cpu_attention.build(compiler)
+  compiler = cpu_kernels.compiler()
+  path = cpu_kernels.build(compiler)
   assert path.startswith(str(tmp_path / "kernels")) and path.endswith(".so")
   built_at = os.stat(path).st_mtime_ns
-  assert cpu_attention.build(compiler) == path
+  assert cpu_kernels.build(compiler) == path
   assert os.stat(path).st_mtime_ns == built_at  # Not rebuilt.
   assert [p.name for p in (tmp_path / "kernels").iterdir()] == [os.path.basename(path)]

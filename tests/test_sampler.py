@@ -20,7 +20,7 @@ from test_cpu_attention import needs_kernel
 STOP = tiny_models.TINY_SHAPE["eos_token_id"]
 PAD = tiny_models.TINY_SHAPE["pad_token_id"]
 BUCKETS = (8, 16, 32)
-ATTENTIONS = ["xla", pytest.param("cpu_kernel", marks=needs_kernel)]
+KERNELS = ["xla", pytest.param("cpu", marks=needs_kernel)]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,14 @@ def _allowed(logp_NxMxV, top_k, top_p):
   return allowed
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_greedy_matches_transformers_tiny(tiny, family, attention):
+def test_greedy_matches_transformers_tiny(tiny, family, kernels):
   hf_model, model = tiny[family]
   config = SamplingConfig(max_new_tokens=32, pad_id=PAD, stop_ids=(STOP,), greedy=True,
                           prompt_buckets=BUCKETS)
   tokens, mask = prompt_batch(_prompts((5, 9, 3, 12)), config)
-  out = Sampler(model, attention=attention).sample(nnx.state(model), tokens, mask,
+  out = Sampler(model, kernels=kernels).sample(nnx.state(model), tokens, mask,
                                                    jax.random.key(0), config)
   expected = _hf_greedy(hf_model, tokens, mask, 32, (STOP,), PAD)
   np.testing.assert_array_equal(np.asarray(out.tokens_NxM), expected)
@@ -107,13 +107,13 @@ def test_greedy_matches_transformers_smollm2(smollm2):
                                   err_msg=texts[row])
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_logprobs_match_teacher_forcing_with_groups(tiny, attention):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_logprobs_match_teacher_forcing_with_groups(tiny, kernels):
   _, model = tiny["qwen3"]
   config = SamplingConfig(max_new_tokens=12, pad_id=PAD, stop_ids=(STOP, 5), temperature=0.7,
                           n=3, prompt_buckets=BUCKETS)
   tokens, mask = prompt_batch(_prompts((4, 10)), config)
-  out = Sampler(model, attention=attention).sample(nnx.state(model), tokens, mask,
+  out = Sampler(model, kernels=kernels).sample(nnx.state(model), tokens, mask,
                                                    jax.random.key(1), config)
   assert out.tokens_NxM.shape == (6, 12)
   np.testing.assert_array_equal(out.prompt_tokens_NxP, np.repeat(tokens, 3, axis=0))
@@ -124,14 +124,14 @@ def test_logprobs_match_teacher_forcing_with_groups(tiny, attention):
   assert len({tuple(r) for r in np.asarray(out.tokens_NxM)[:3]}) > 1  # The group differs.
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_multi_segment_decode_matches_teacher_forcing(tiny, attention):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_multi_segment_decode_matches_teacher_forcing(tiny, kernels):
   """140 new tokens run as 2 decode segments (2 generated cache blocks after the prompt's)."""
   _, model = tiny["llama"]
   config = SamplingConfig(max_new_tokens=140, pad_id=PAD, temperature=1.0, n=2,
                           prompt_buckets=BUCKETS)
   tokens, mask = prompt_batch(_prompts((5, 9)), config)
-  out = Sampler(model, attention=attention).sample(nnx.state(model), tokens, mask,
+  out = Sampler(model, kernels=kernels).sample(nnx.state(model), tokens, mask,
                                                    jax.random.key(4), config)
   assert np.asarray(out.lengths_N).tolist() == [140] * 4
   expected = _gather(_teacher_forced_logp(model, out, 1.0), out.tokens_NxM)
