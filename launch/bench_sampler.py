@@ -2,8 +2,9 @@
 
 Also reports the roofline of one decode step, max(weight bytes / memory bandwidth, FLOPs / matmul
 peak), with bandwidth and peak measured in the same run (launch/bench_common.py), and the time of
-one decode step's weight matmuls alone at the decode batch (`_decode_matmuls_s`): what this
-backend's matmuls cost at those shapes, before attention, norms and sampling.
+one decode step's weight matmuls alone at the decode batch (`_decode_matmuls_s`): what XLA's
+matmuls cost at those shapes, before attention, norms and sampling (with `--kernels=cpu` the
+sampler's products run in the packed-weight kernel instead, so it can beat this chain).
 """
 
 import argparse
