@@ -95,35 +95,61 @@ inline Vec Select(const Mask& where, const Vec& a, const Vec& b) {
   return (Vec)((where & (Mask)a) | (~where & (Mask)b));
 }
 
-// out[j:j+W] = a[K] @ b[K, j:j+W] for W = V * kLanes columns (b's rows `ldb` apart), with the V
-// accumulators in registers.
-template <int V>
-void ProductTile(const float* a, const float* b, int64_t ldb, float* out, int64_t K, int64_t j) {
-  Vec acc[V] = {};
+// out[r, j:j+W] = a[r] @ b[K, j:j+W] for the Rows rows r of a (K apart) and W = V * kLanes
+// columns (b's rows `ldb` apart, out's `N` apart), with the Rows x V accumulators in registers:
+// each vector of b is loaded once for all the rows.
+template <int Rows, int V>
+void ProductTile(const float* a, const float* b, int64_t ldb, float* out, int64_t K, int64_t N,
+                 int64_t j) {
+  Vec acc[Rows][V] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const float x = a[k];
-    for (int v = 0; v < V; ++v) acc[v] += x * Load(b + k * ldb + j + kLanes * v);
+    Vec w[V];
+    for (int v = 0; v < V; ++v) w[v] = Load(b + k * ldb + j + kLanes * v);
+    for (int r = 0; r < Rows; ++r) {
+      const float x = a[r * K + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += x * w[v];
+    }
   }
-  for (int v = 0; v < V; ++v) Store(out + j + kLanes * v, acc[v]);
+  for (int r = 0; r < Rows; ++r) {
+    for (int v = 0; v < V; ++v) Store(out + r * N + j + kLanes * v, acc[r][v]);
+  }
 }
 
-// out[M, N] = a[M, K] @ b[K, N] (b's rows `ldb` apart; a and out contiguous). One row of a at a
-// time, so each of b's rows is read in one sequential pass for the first row and from L1 after.
-void Product(const float* a, const float* b, int64_t ldb, float* out, int64_t M, int64_t K,
-             int64_t N) {
-  for (int64_t m = 0; m < M; ++m, a += K, out += N) {
-    int64_t j = 0;
-    for (; j + 8 * kLanes <= N; j += 8 * kLanes) ProductTile<8>(a, b, ldb, out, K, j);
-    for (; j + kLanes <= N; j += kLanes) ProductTile<1>(a, b, ldb, out, K, j);
-    if (j < N && N >= kLanes) {
-      ProductTile<1>(a, b, ldb, out, K, N - kLanes);  // The last columns, overlapping.
-    } else {
-      for (; j < N; ++j) {
+// out[Rows, N] = a[Rows, K] @ b[K, N]: tiles of V vectors (12 accumulators at most), then one
+// vector at a time, then the last N % kLanes columns through an overlapping vector (each column's
+// sum is the same whichever tile computes it); scalar sums below one vector's width.
+template <int Rows>
+void RowsProduct(const float* a, const float* b, int64_t ldb, float* out, int64_t K, int64_t N) {
+  constexpr int V = Rows == 1 ? 8 : 12 / Rows;
+  if (N < kLanes) {  // Too few columns for a vector.
+    for (int64_t r = 0; r < Rows; ++r) {
+      for (int64_t j = 0; j < N; ++j) {
         float sum = 0.0f;
-        for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k * ldb + j];
-        out[j] = sum;
+        for (int64_t k = 0; k < K; ++k) sum += a[r * K + k] * b[k * ldb + j];
+        out[r * N + j] = sum;
       }
     }
+    return;
+  }
+  int64_t j = 0;
+  for (; j + V * kLanes <= N; j += V * kLanes) ProductTile<Rows, V>(a, b, ldb, out, K, N, j);
+  for (; j + kLanes <= N; j += kLanes) ProductTile<Rows, 1>(a, b, ldb, out, K, N, j);
+  if (j < N) ProductTile<Rows, 1>(a, b, ldb, out, K, N, N - kLanes);
+}
+
+// out[M, N] = a[M, K] @ b[K, N] (b's rows `ldb` apart; a and out contiguous), up to four rows of
+// a at a time (the query heads of a GQA group share one read of the keys and values).
+void Product(const float* a, const float* b, int64_t ldb, float* out, int64_t M, int64_t K,
+             int64_t N) {
+  while (M > 0) {
+    const int64_t rows = M == 5 || M == 6 ? 3 : std::min<int64_t>(M, 4);
+    switch (rows) {
+      case 4: RowsProduct<4>(a, b, ldb, out, K, N); break;
+      case 3: RowsProduct<3>(a, b, ldb, out, K, N); break;
+      case 2: RowsProduct<2>(a, b, ldb, out, K, N); break;
+      default: RowsProduct<1>(a, b, ldb, out, K, N);
+    }
+    a += rows * K, out += rows * N, M -= rows;
   }
 }
 

@@ -53,7 +53,7 @@ def _assert_matches_xla(q, new_token, offset, blocks, kernel=cpu_attention.write
 
 
 @needs_kernel
-@pytest.mark.parametrize("kv,groups,head_dim", [(2, 3, 16), (1, 4, 8), (3, 1, 64)])
+@pytest.mark.parametrize("kv,groups,head_dim", [(2, 3, 16), (1, 4, 8), (3, 1, 64), (2, 5, 16)])
 def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
   rng = np.random.default_rng(kv * 10 + groups)
   rows, prompts = 12, 3
@@ -73,14 +73,15 @@ def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
 
 
 @needs_kernel
-@pytest.mark.parametrize("head_dim,q_scale,atol", [(64, 1.0, 2e-6), (128, 1.0, 2e-6),
-                                                   (64, 40.0, 1e-5)])
-def test_kernel_matches_xla_on_wide_blocks(head_dim, q_scale, atol):
-  """Blocks wide enough for the kernel's vector tiles (64-, 8-lane and overlapping last tiles);
+@pytest.mark.parametrize("head_dim,groups,q_scale,atol", [(64, 3, 1.0, 2e-6), (128, 4, 1.0, 2e-6),
+                                                          (32, 7, 1.0, 2e-6), (64, 3, 40.0, 1e-5)])
+def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
+  """Blocks wide enough for the kernel's vector tiles (tiles of 3 or 4 query rows, as the 7 query
+  heads of a kv head are split, several vectors wide, then single and overlapping last vectors);
   q_scale=40 spreads scores over hundreds, so exp meets arguments below -87 (and a score's
   float32 rounding, about 3e-5 at that size, moves the softmax by more than at q_scale=1)."""
-  rng = np.random.default_rng(head_dim)
-  rows, prompts, kv, groups = 8, 2, 2, 3
+  rng = np.random.default_rng(head_dim + groups)
+  rows, prompts, kv = 8, 2, 2
   q = jnp.asarray(rng.normal(size=(rows, 1, kv * groups, head_dim)).astype(np.float32)) * q_scale
   new_token = _new_token(rng, rows, kv, head_dim)
   prompt_mask = np.arange(70)[None, :] >= np.array([[5], [37]])  # Left-padded prompts.
