@@ -59,7 +59,7 @@ struct Problem {
 };
 
 // Scratch of one thread: the task's rotated queries, scores of one block, its mask as floats
-// (1 or 0), and each block's statistics and weighted values.
+// (1 or 0), each block's statistics and weighted values, and their combination for one query.
 struct Scratch {
   explicit Scratch(const Problem& p)
       : query(p.groups * p.head_dim),
@@ -67,8 +67,9 @@ struct Scratch {
         keep(p.max_slots),
         maxima(p.blocks.size() * p.groups),
         sums(p.blocks.size() * p.groups),
-        outs(p.blocks.size() * p.groups * p.head_dim) {}
-  std::vector<float> query, scores, keep, maxima, sums, outs;
+        outs(p.blocks.size() * p.groups * p.head_dim),
+        combined(p.head_dim) {}
+  std::vector<float> query, scores, keep, maxima, sums, outs, combined;
 };
 
 // A SIMD register of floats, as a GCC/Clang vector extension: eight lanes with AVX (the library
@@ -115,9 +116,21 @@ void ProductTile(const float* a, const float* b, int64_t ldb, float* out, int64_
   }
 }
 
-// out[Rows, N] = a[Rows, K] @ b[K, N]: tiles of V vectors (12 accumulators at most), then one
-// vector at a time, then the last N % kLanes columns through an overlapping vector (each column's
-// sum is the same whichever tile computes it); scalar sums below one vector's width.
+// ProductTile<Rows, V> for `vectors` (1 to V) vectors: the widest tile that fits, so that narrow
+// products still keep several independent accumulators in flight.
+template <int Rows, int V>
+void NarrowTile(int64_t vectors, const float* a, const float* b, int64_t ldb, float* out,
+                int64_t K, int64_t N, int64_t j) {
+  if constexpr (V > 1) {
+    if (vectors < V) return NarrowTile<Rows, V - 1>(vectors, a, b, ldb, out, K, N, j);
+  }
+  ProductTile<Rows, V>(a, b, ldb, out, K, N, j);
+}
+
+// out[Rows, N] = a[Rows, K] @ b[K, N]: tiles of V vectors (12 accumulators at most), the last one
+// overlapping the one before where N is not a multiple of its width (each column's sum is the
+// same whichever tile computes it); below one tile's width, one narrower tile and an overlapping
+// last vector; scalar sums below one vector's width.
 template <int Rows>
 void RowsProduct(const float* a, const float* b, int64_t ldb, float* out, int64_t K, int64_t N) {
   constexpr int V = Rows == 1 ? 8 : 12 / Rows;
@@ -133,8 +146,11 @@ void RowsProduct(const float* a, const float* b, int64_t ldb, float* out, int64_
   }
   int64_t j = 0;
   for (; j + V * kLanes <= N; j += V * kLanes) ProductTile<Rows, V>(a, b, ldb, out, K, N, j);
-  for (; j + kLanes <= N; j += kLanes) ProductTile<Rows, 1>(a, b, ldb, out, K, N, j);
-  if (j < N) ProductTile<Rows, 1>(a, b, ldb, out, K, N, N - kLanes);
+  if (j == N) return;
+  if (j > 0) return ProductTile<Rows, V>(a, b, ldb, out, K, N, N - V * kLanes);
+  const int64_t vectors = N / kLanes;
+  NarrowTile<Rows, V>(vectors, a, b, ldb, out, K, N, 0);
+  if (vectors * kLanes < N) ProductTile<Rows, 1>(a, b, ldb, out, K, N, N - kLanes);
 }
 
 // out[M, N] = a[M, K] @ b[K, N] (b's rows `ldb` apart; a and out contiguous), up to four rows of
@@ -277,15 +293,15 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
       overall = std::max(overall, scratch.maxima[b * G + g]);
     }
     float total = 0.0f;
-    float* r = result + g * H;
-    std::fill(r, r + H, 0.0f);
+    float* combined = scratch.combined.data();  // Summed here, not in `out`, which is written once.
+    std::fill(combined, combined + H, 0.0f);
     for (size_t b = 0; b < p.blocks.size(); ++b) {
       const float scale = std::exp(scratch.maxima[b * G + g] - overall);
       total += scale * scratch.sums[b * G + g];
       const float* o = scratch.outs.data() + (b * G + g) * H;
-      for (int64_t h = 0; h < H; ++h) r[h] += scale * o[h];
+      for (int64_t h = 0; h < H; ++h) combined[h] += scale * o[h];
     }
-    for (int64_t h = 0; h < H; ++h) r[h] /= total;
+    for (int64_t h = 0; h < H; ++h) result[g * H + h] = combined[h] / total;
   }
 }
 

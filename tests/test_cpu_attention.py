@@ -77,7 +77,8 @@ def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
                                                           (32, 7, 1.0, 2e-6), (64, 3, 40.0, 1e-5)])
 def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
   """Blocks wide enough for the kernel's vector tiles (tiles of 3 or 4 query rows, as the 7 query
-  heads of a kv head are split, several vectors wide, then single and overlapping last vectors);
+  heads of a kv head are split; full-width tiles with an overlapping last one, and below a tile's
+  width a narrower tile and an overlapping last vector);
   q_scale=40 spreads scores over hundreds, so exp meets arguments below -87 (and a score's
   float32 rounding, about 3e-5 at that size, moves the softmax by more than at q_scale=1)."""
   rng = np.random.default_rng(head_dim + groups)
@@ -85,17 +86,17 @@ def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
   q = jnp.asarray(rng.normal(size=(rows, 1, kv * groups, head_dim)).astype(np.float32)) * q_scale
   new_token = _new_token(rng, rows, kv, head_dim)
   prompt_mask = np.arange(70)[None, :] >= np.array([[5], [37]])  # Left-padded prompts.
-  last_mask = np.arange(19) <= 10
+  last_mask = np.arange(30) <= 20  # 21 filled slots: narrower than one tile.
   last_mask[4] = False  # A masked slot inside the filled part.
   blocks = [_block(rng, prompts, kv, head_dim, 70, prompt_mask),
             _block(rng, rows, kv, head_dim, 64, np.ones(64, bool)),
-            _block(rng, rows, kv, head_dim, 19, last_mask)]
-  got = _assert_matches_xla(q, new_token, 10, blocks, atol=atol)
+            _block(rng, rows, kv, head_dim, 30, last_mask)]
+  got = _assert_matches_xla(q, new_token, 20, blocks, atol=atol)
   # Masked slots contribute exactly nothing, even where their scores overflow to inf.
   last_k, last_v, last_mask = blocks[2]
   hole = ~np.asarray(last_mask)
   blocks[2] = (jnp.where(hole, 1e38, last_k), jnp.where(hole[:, None], 1e30, last_v), last_mask)
-  changed, _ = jax.jit(cpu_attention.write_and_attend)(q, *new_token, 10, blocks)
+  changed, _ = jax.jit(cpu_attention.write_and_attend)(q, *new_token, 20, blocks)
   np.testing.assert_array_equal(np.asarray(changed), np.asarray(got))
 
 
