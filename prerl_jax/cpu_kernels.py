@@ -24,7 +24,7 @@ from prerl_jax import caches
 _HERE = os.path.dirname(__file__)
 SOURCES = (os.path.join(_HERE, "decode_attention_cpu.cc"),
            os.path.join(_HERE, "packed_matmul_cpu.cc"))
-HEADERS = (os.path.join(_HERE, "cpu_kernel_pool.h"),)
+HEADERS = (os.path.join(_HERE, "cpu_kernel_pool.h"), os.path.join(_HERE, "cpu_register_tile.h"))
 # FFI target name -> the handler symbol the library exports.
 HANDLERS = {"prerl_decode_attention": "PrerlDecodeAttention",
             "prerl_packed_matmul": "PrerlPackedMatmul"}

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu_kernel_pool.h"
+#include "cpu_register_tile.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -97,23 +98,13 @@ inline Vec Select(const Mask& where, const Vec& a, const Vec& b) {
 }
 
 // out[r, j:j+W] = a[r] @ b[K, j:j+W] for the Rows rows r of a (K apart) and W = V * kLanes
-// columns (b's rows `ldb` apart, out's `N` apart), with the Rows x V accumulators in registers:
-// each vector of b is loaded once for all the rows.
+// columns (b's rows `ldb` apart, out's `N` apart).
 template <int Rows, int V>
 void ProductTile(const float* a, const float* b, int64_t ldb, float* out, int64_t K, int64_t N,
                  int64_t j) {
-  Vec acc[Rows][V] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    Vec w[V];
-    for (int v = 0; v < V; ++v) w[v] = Load(b + k * ldb + j + kLanes * v);
-    for (int r = 0; r < Rows; ++r) {
-      const float x = a[r * K + k];
-      for (int v = 0; v < V; ++v) acc[r][v] += x * w[v];
-    }
-  }
-  for (int r = 0; r < Rows; ++r) {
-    for (int v = 0; v < V; ++v) Store(out + r * N + j + kLanes * v, acc[r][v]);
-  }
+  prerl_jax::RegisterTile<Vec, Rows, V>(a, K, b + j, ldb, K, [&](int r, int v, Vec sum) {
+    Store(out + r * N + j + kLanes * v, sum);
+  });
 }
 
 // ProductTile<Rows, V> for `vectors` (1 to V) vectors: the widest tile that fits, so that narrow

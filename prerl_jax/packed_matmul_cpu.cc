@@ -15,6 +15,7 @@
 #include <string>
 
 #include "cpu_kernel_pool.h"
+#include "cpu_register_tile.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -27,30 +28,18 @@ constexpr int64_t kPanel = kLanes * kVectors;  // R: columns per panel.
 constexpr int64_t kTileRows = 4;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // out[r, :R] = sum_k x[r, k] * panel[k, :R] for `Rows` rows of x (row stride K); the R columns
 // go to `out` (row stride `out_stride`), the first `columns` of them.
 template <int Rows>
 void Tile(const float* x, const float* panel, int64_t K, float* out, int64_t out_stride,
           int64_t columns) {
-  Vec acc[Rows][kVectors] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    Vec w[kVectors];
-    for (int64_t j = 0; j < kVectors; ++j) w[j] = Load(panel + k * kPanel + j * kLanes);
-    for (int r = 0; r < Rows; ++r) {
-      const float xr = x[r * K + k];
-      for (int64_t j = 0; j < kVectors; ++j) acc[r][j] += xr * w[j];
-    }
-  }
+  float rows[Rows][kPanel];
+  prerl_jax::RegisterTile<Vec, Rows, kVectors>(x, K, panel, kPanel, K,
+                                               [&](int r, int v, Vec sum) {
+    std::memcpy(rows[r] + v * kLanes, &sum, sizeof(sum));
+  });
   for (int r = 0; r < Rows; ++r) {
-    float row[kPanel];
-    std::memcpy(row, acc[r], sizeof(row));
-    std::memcpy(out + r * out_stride, row, columns * sizeof(float));
+    std::memcpy(out + r * out_stride, rows[r], columns * sizeof(float));
   }
 }
 
