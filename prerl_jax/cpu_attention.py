@@ -17,8 +17,9 @@ TARGET = "prerl_decode_attention"  # Registered by prerl_jax.cpu_kernels.
 
 
 def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks,
-                     target: str = TARGET):
-  """`decode.write_and_attend` as one FFI call to `target` (float32 queries, keys and values).
+                     suffix: str = ""):
+  """`decode.write_and_attend` as one FFI call (float32 queries, keys and values); `suffix` picks
+  a library registered under other names (`cpu_kernels.register`).
 
   The last block's keys and values are results aliased to their operands, so inside the decode
   loop the new token is written in place."""
@@ -37,7 +38,7 @@ def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks,
   last_k, last_v, last_mask = blocks[-1]
   last_keys_index = len(new_token) + 1 + len(block_arrays) - 3  # Operand index (after offset).
   out, last_k, last_v = jax.ffi.ffi_call(
-      target, (jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32),
+      TARGET + suffix, (jax.ShapeDtypeStruct(q_NxKxGxH.shape, jnp.float32),
                jax.ShapeDtypeStruct(last_k.shape, jnp.float32),
                jax.ShapeDtypeStruct(last_v.shape, jnp.float32)),
       input_output_aliases={last_keys_index: 1, last_keys_index + 1: 2},

@@ -1,8 +1,8 @@
 """The sampler's CPU kernels (C++ XLA:CPU FFI handlers): built on first use, then registered.
 
-One library holds both kernels: the decode attention (`decode_attention_cpu.cc`, used through
-`cpu_attention`) and the packed-weight matmul (`packed_matmul_cpu.cc`, used through
-`cpu_matmul`). It is compiled once per source, compiler and CPU with the system C++ compiler
+One library holds the kernels: the decode attention (`decode_attention_cpu.cc`, used through
+`cpu_attention`), the packed-weight matmuls (`packed_matmul_cpu.cc`, through `cpu_matmul`) and
+the RMSNorm (`rms_norm_cpu.cc`, through `cpu_norm`). It is compiled once per source, compiler and CPU with the system C++ compiler
 ($CXX, or c++) into $PRERL_JAX_CACHE/kernels. Where no compiler works, `unavailable_reason()`
 says why and the sampler keeps XLA's code (see `Sampler(kernels=...)`).
 """
@@ -22,12 +22,16 @@ import jax
 from prerl_jax import caches
 
 _HERE = os.path.dirname(__file__)
-SOURCES = (os.path.join(_HERE, "decode_attention_cpu.cc"),
-           os.path.join(_HERE, "packed_matmul_cpu.cc"))
-HEADERS = (os.path.join(_HERE, "cpu_kernel_pool.h"), os.path.join(_HERE, "cpu_register_tile.h"))
+SOURCES = tuple(os.path.join(_HERE, name) for name in (
+    "decode_attention_cpu.cc", "packed_matmul_cpu.cc", "rms_norm_cpu.cc"))
+HEADERS = tuple(os.path.join(_HERE, name) for name in (
+    "cpu_kernel_pool.h", "cpu_register_tile.h", "cpu_vector_exp.h"))
 # FFI target name -> the handler symbol the library exports.
 HANDLERS = {"prerl_decode_attention": "PrerlDecodeAttention",
-            "prerl_packed_matmul": "PrerlPackedMatmul"}
+            "prerl_packed_matmul": "PrerlPackedMatmul",
+            "prerl_packed_matmul_residual": "PrerlPackedMatmulResidual",
+            "prerl_gated_matmul": "PrerlGatedMatmul",
+            "prerl_rms_norm": "PrerlRmsNorm"}
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -83,7 +87,7 @@ def build(compiler_path: str) -> str:
         os.replace(built, path)  # Atomic: concurrent builds (test workers) each write a whole file.
         return path
       errors.append(run.stderr.strip()[-2000:])
-  raise RuntimeError(f"building {' and '.join(SOURCES)} with {compiler_path} failed:\n"
+  raise RuntimeError(f"building {', '.join(SOURCES)} with {compiler_path} failed:\n"
                      + "\n".join(errors))
 
 

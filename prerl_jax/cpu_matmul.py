@@ -1,9 +1,11 @@
-"""The packed-weight CPU matmul (packed_matmul_cpu.cc) as an FFI call: the decode step's products.
+"""The packed-weight CPU matmuls (packed_matmul_cpu.cc) as FFI calls: the decode step's products.
 
 A weight is packed once per sampler call (`pack`, `pack_layer`): its columns in panels of
 `PANEL`, each panel [K, PANEL] contiguous, so the kernel streams a panel per task instead of
-re-packing the weight on every product as XLA:CPU's dots do. `matmul(x, packed)` equals
-`model.dense(x, weight)` (float32). The kernel is built and registered by `prerl_jax.cpu_kernels`.
+re-packing the weight on every product as XLA:CPU's dots do. `matmul(x, packed, residual)` equals
+`model.dense(x, weight, residual)` and `gated_matmul(x, gate, up)` `model.gated_dense` (float32,
+to rounding: the kernel's silu uses its own exp). The kernels are built and registered by
+`prerl_jax.cpu_kernels`.
 """
 
 import math
@@ -14,7 +16,9 @@ from flax import struct
 
 from prerl_jax.model import INPUT_AXES
 
-TARGET = "prerl_packed_matmul"  # Registered by prerl_jax.cpu_kernels.
+# Registered by prerl_jax.cpu_kernels.
+TARGET, RESIDUAL_TARGET, GATED_TARGET = ("prerl_packed_matmul", "prerl_packed_matmul_residual",
+                                         "prerl_gated_matmul")
 PANEL = 24  # Columns per panel: kPanel in packed_matmul_cpu.cc.
 
 
@@ -45,9 +49,25 @@ def pack_layer(layer_weights: dict) -> dict:
           for name, w in layer_weights.items()}
 
 
-def matmul(x, weight: PackedWeight, target: str = TARGET):
-  """x [..., K] times the packed weight: [..., *outputs] (float32)."""
+def matmul(x, weight: PackedWeight, residual=None, suffix: str = ""):
+  """x [..., K] times the packed weight, plus `residual` where given: [..., *outputs] (float32).
+  `suffix` picks a library registered under other names (`cpu_kernels.register`)."""
   outputs = math.prod(weight.output_shape)
-  out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], outputs), jnp.float32))(
-      x.astype(jnp.float32), weight.panels_PxKxR)
+  result = jax.ShapeDtypeStruct((*x.shape[:-1], outputs), jnp.float32)
+  operands = [x.astype(jnp.float32), weight.panels_PxKxR]
+  if residual is not None:
+    operands.append(residual.astype(jnp.float32).reshape(result.shape))
+  target = TARGET if residual is None else RESIDUAL_TARGET
+  out = jax.ffi.ffi_call(target + suffix, result)(*operands)
   return out.reshape(*x.shape[:-1], *weight.output_shape)
+
+
+def gated_matmul(x, gate: PackedWeight, up: PackedWeight, suffix: str = ""):
+  """silu(x @ gate) * (x @ up) for x [..., K] and two weights [K, N] packed alike: [..., N]."""
+  if gate.panels_PxKxR.shape != up.panels_PxKxR.shape or gate.output_shape != up.output_shape:
+    raise ValueError(f"gated_matmul: the gate and up weights differ in shape "
+                     f"({gate.output_shape} vs {up.output_shape})")
+  result = jax.ShapeDtypeStruct((*x.shape[:-1], math.prod(gate.output_shape)), jnp.float32)
+  out = jax.ffi.ffi_call(GATED_TARGET + suffix, result)(x.astype(jnp.float32), gate.panels_PxKxR,
+                                                        up.panels_PxKxR)
+  return out.reshape(*x.shape[:-1], *gate.output_shape)

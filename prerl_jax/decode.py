@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from prerl_jax import rope, sharding
-from prerl_jax.model import CACHE_AXES, Decoder, decoder_layer, dense
+from prerl_jax.model import CACHE_AXES, Decoder, LayerOps, decoder_layer
 from prerl_jax.model_config import ModelConfig
 
 
@@ -104,7 +104,7 @@ def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks)
 
 
 def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], tokens_N,
-                rotation, offset, attention=write_and_attend, product=dense):
+                rotation, offset, attention=write_and_attend, ops: LayerOps = LayerOps()):
   """Hidden states [N, 1, D] of one new token per row, and the cache with its keys and values.
 
   `rotation` is `rope.rotation(positions_Nx1, ...)` of the new tokens.
@@ -112,8 +112,8 @@ def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], to
   Each layer rotates the token's queries and keys, writes its keys and values at slot `offset` of
   its last block and attends over all of its blocks with `attention(q, k, v, rotation, offset,
   blocks)`: `write_and_attend`, or `cpu_attention.write_and_attend`, which computes the same.
-  `product` computes the weight products (`decoder_layer`): `model.dense` over `layer_weights`,
-  or `cpu_matmul.matmul` over weights packed by `cpu_matmul.pack_layer`.
+  `ops` computes the weight products and norms (`decoder_layer`): XLA's over `layer_weights`, or
+  the CPU kernels (`cpu_matmul`, `cpu_norm`) over weights packed by `cpu_matmul.pack_layer`.
   """
   x = model.embed_tokens(tokens_N[:, None])
   new_cache = []
@@ -122,6 +122,6 @@ def decode_step(model: Decoder, layer_weights: list[dict], cache: list[list], to
     def attend(q, k, v, blocks=blocks):
       return attention(q, k, v, rotation, offset, blocks)
 
-    x, blocks = decoder_layer(model.config, x, w, None, attend, product)
+    x, blocks = decoder_layer(model.config, x, w, None, attend, ops)
     new_cache.append(blocks)
   return model.normalize_output(x), new_cache

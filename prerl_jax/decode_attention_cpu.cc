@@ -31,6 +31,7 @@
 
 #include "cpu_kernel_pool.h"
 #include "cpu_register_tile.h"
+#include "cpu_vector_exp.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -92,9 +93,8 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
 
-// a where `where` is true (all bits set), else b.
 inline Vec Select(const Mask& where, const Vec& a, const Vec& b) {
-  return (Vec)((where & (Mask)a) | (~where & (Mask)b));
+  return prerl_jax::SelectLanes<Vec, Mask>(where, a, b);
 }
 
 // out[r, j:j+W] = a[r] @ b[K, j:j+W] for the Rows rows r of a (K apart) and W = V * kLanes
@@ -160,27 +160,9 @@ void Product(const float* a, const float* b, int64_t ldb, float* out, int64_t M,
   }
 }
 
-// exp(x) for x <= 0 (scores minus their maximum), within 2 ulp of std::exp (Cephes' expf), and
-// exp(-87) for x below -87 (-inf included). Lane-wise on vectors: std::exp is a scalar libm call,
-// and a scalar version of this clamp kept GCC from vectorizing the loop.
-inline Vec ExpNonPositive(Vec x) {
-  const Vec lowest = Vec{} - 87.0f;
-  x = Select(x < lowest, lowest, x);
-  const Vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;       // x - n ln 2 in two parts
-  Vec p = Vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * (Vec)((__builtin_convertvector(n, Mask) + 127) << 23);  // p * 2^n
-}
-
 // Maximum and sum of x[0:C] a vector at a time: written out, because a plain reduction
 // loop does not vectorize without -ffast-math, which this file must not use (it would fold
-// ExpNonPositive's rounding away).
+// prerl_jax::Exp's rounding away).
 float Maximum(const float* x, int64_t C) {
   float result = -std::numeric_limits<float>::infinity();
   int64_t c = 0;
@@ -270,7 +252,7 @@ void AttendOne(const Problem& p, int64_t task, Scratch& scratch) {
       float maximum = Maximum(s, valid);
       if (!std::isfinite(maximum)) maximum = 0.0f;  // A block with no valid slot.
       Lanewise(s, keep, valid, [&](Vec x, Vec kept) {
-        return Select(kept > zero, ExpNonPositive(x - maximum), zero);
+        return Select(kept > zero, prerl_jax::Exp<Vec, Mask>(x - maximum), zero);
       });
       scratch.maxima[b * G + g] = maximum;
       scratch.sums[b * G + g] = Sum(s, valid);

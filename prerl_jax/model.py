@@ -7,6 +7,7 @@ logical axis names (`Param(..., logical_axes=...)`), which `prerl_jax.sharding` 
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,14 +70,29 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def dense(x_BxTxF, w):
+def dense(x_BxTxF, w, residual=None):
   """x times a weight whose leading axes multiply to x's last axis; the result has w's other
   axes (w is merged to [F, outputs] first: with two contracting axes XLA:CPU transposed the
-  whole wo weight on every decode step, 6.6 ms per step for SmolLM2)."""
+  whole wo weight on every decode step, 6.6 ms per step for SmolLM2). `residual`, where given, is
+  added to the product."""
   inputs = x_BxTxF.shape[-1]
   split = next(i for i in range(1, w.ndim + 1) if math.prod(w.shape[:i]) == inputs)
   out = jnp.einsum("btf,fo->bto", x_BxTxF, w.reshape(inputs, -1))
-  return out.reshape(*out.shape[:2], *w.shape[split:])
+  out = out.reshape(*out.shape[:2], *w.shape[split:])
+  return out if residual is None else residual + out
+
+
+def gated_dense(x_BxTxD, w_gate, w_up):
+  """The MLP's gated product silu(x @ w_gate) * (x @ w_up)."""
+  return jax.nn.silu(dense(x_BxTxD, w_gate)) * dense(x_BxTxD, w_up)
+
+
+class LayerOps(NamedTuple):
+  """How `decoder_layer` computes its weight products and norms: XLA's (the defaults), or the
+  sampler's CPU kernels (`cpu_matmul.matmul`, `cpu_matmul.gated_matmul`, `cpu_norm.rms_norm`)."""
+  product: Callable = dense  # product(x, w, residual=None)
+  gated_product: Callable = gated_dense  # gated_product(x, w_gate, w_up)
+  norm: Callable = rms_norm  # norm(x, weight, eps)
 
 
 def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
@@ -92,10 +108,11 @@ def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
   return out.reshape(batch, length, num_heads, head_dim)
 
 
-def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend, product=dense):
+def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend,
+                  ops: LayerOps = LayerOps()):
   """One pre-norm decoder layer on one layer's weights `w` (in the compute dtype).
 
-  `product(x, w[name])` computes each weight product (`dense`, or the CPU kernel's `matmul` on
+  `ops` computes the weight products and norms (`LayerOps`: XLA's, or the CPU kernels over
   packed weights).
 
   `rotation` is `rope.rotation(positions_BxT, ...)` of the layer's tokens, or None where `attend`
@@ -105,20 +122,20 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend, produ
   and values against whatever cache it keeps, and returns (attended_BxTxNxH, aux); the layer
   returns (x_BxTxD, aux).
   """
-  h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
-  q, k, v = product(h, w["wq"]), product(h, w["wk"]), product(h, w["wv"])
+  eps = config.rms_norm_eps
+  h = ops.norm(x_BxTxD, w["attn_norm"], eps)
+  q, k, v = ops.product(h, w["wq"]), ops.product(h, w["wk"]), ops.product(h, w["wv"])
   if config.attention_bias:
     q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
   if config.qk_norm:
-    q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
-    k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
+    q, k = ops.norm(q, w["q_norm"], eps), ops.norm(k, w["k_norm"], eps)
   if rotation is not None:
     q, k = rope.apply_rotation(q, rotation), rope.apply_rotation(k, rotation)
   attended, aux = attend(q, k, v)
-  x = x_BxTxD + product(attended.reshape(*attended.shape[:2], -1), w["wo"])
-  h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-  gated = jax.nn.silu(product(h, w["w_gate"])) * product(h, w["w_up"])
-  return x + product(gated, w["w_down"]), aux
+  x = ops.product(attended.reshape(*attended.shape[:2], -1), w["wo"], residual=x_BxTxD)
+  h = ops.norm(x, w["mlp_norm"], eps)
+  gated = ops.gated_product(h, w["w_gate"], w["w_up"])
+  return ops.product(gated, w["w_down"], residual=x), aux
 
 
 class Decoder(nnx.Module):

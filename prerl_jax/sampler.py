@@ -16,10 +16,11 @@ by dividing its logits by the same temperature. With `top_k=0, top_p=1` (the RL 
 exactly the distribution sampled from. Greedy decoding records `log_softmax(logits)`.
 
 The decode loop's code (`Sampler(kernels=...)`): "xla" is `decode.write_and_attend` and
-`model.dense`; "cpu" is the same computation in C++ FFI kernels for one float32 CPU device
-(`cpu_attention.write_and_attend`, and `cpu_matmul.matmul` over weights packed once per call,
-for the layers' products and the logits); "auto" (the default) takes "cpu" where it applies and
-the kernels build, else "xla". The prefill runs XLA's code in both.
+`model.LayerOps()`; "cpu" is the same computation in C++ FFI kernels for one float32 CPU device
+(`cpu_attention.write_and_attend`; `cpu_matmul.matmul` and `gated_matmul` over weights packed
+once per call, for the layers' products, their residual adds and MLP gates, and the logits;
+`cpu_norm.rms_norm`); "auto" (the default) takes "cpu" where it applies and the kernels build,
+else "xla". The prefill runs XLA's code in both.
 """
 
 import dataclasses
@@ -32,9 +33,9 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from prerl_jax import cpu_attention, cpu_kernels, cpu_matmul, rope, sharding
+from prerl_jax import cpu_attention, cpu_kernels, cpu_matmul, cpu_norm, rope, sharding
 from prerl_jax.decode import block_shapes, block_sharding, decode_step, write_and_attend
-from prerl_jax.model import Decoder, dense, positions_from_mask
+from prerl_jax.model import Decoder, LayerOps, positions_from_mask
 from prerl_jax.tokenizer import stop_token_ids
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -217,10 +218,10 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
   if kernels == "cpu":
     layer_weights = [cpu_matmul.pack_layer(w) for w in layer_weights]
     head = cpu_matmul.pack(model.head())
-    attention, product, logits = (cpu_attention.write_and_attend, cpu_matmul.matmul,
-                                  lambda hidden: cpu_matmul.matmul(hidden, head))
+    attention, logits = cpu_attention.write_and_attend, lambda h: cpu_matmul.matmul(h, head)
+    ops = LayerOps(cpu_matmul.matmul, cpu_matmul.gated_matmul, cpu_norm.rms_norm)
   else:
-    attention, product, logits = write_and_attend, dense, model.logits
+    attention, logits, ops = write_and_attend, model.logits, LayerOps()
 
   repeat = lambda x: jnp.repeat(x, n, axis=0)
   prompt_lengths_N = repeat(prompt_mask_BxP.sum(axis=1, dtype=jnp.int32))
@@ -264,7 +265,7 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
       cache = [blocks + [(k, v, filled_C)] for blocks, (k, v) in zip(earlier_blocks, block)]
       rotation = tuple(jax.lax.dynamic_slice_in_dim(r, step, 1, axis=1) for r in rotations)
       hidden_Nx1xD, cache = decode_step(model, layer_weights, cache, token_N, rotation,
-                                        offset, attention, product)
+                                        offset, attention, ops)
       block = [blocks[-1][:2] for blocks in cache]
       token_N, outputs = emit(step, logits(hidden_Nx1xD)[:, 0], outputs)
       return step + 1, token_N, block, outputs

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prerl_jax import cpu_attention, cpu_kernels, cpu_matmul, decode, rope, sharding
-from prerl_jax.model import dense
+from prerl_jax import cpu_attention, cpu_kernels, cpu_matmul, cpu_norm, decode, rope, sharding
+from prerl_jax.model import dense, gated_dense, rms_norm
 from prerl_jax.sampler import _resolve_kernels
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
@@ -103,24 +103,27 @@ def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
 @needs_kernel
 def test_portable_build_matches_xla(tmp_path):
   """The kernels built without -march=native (the fallback build: 4-lane SSE / NEON vectors where
-  the native one has 8-lane AVX) compute the same attention and products."""
+  the native one has 8-lane AVX) compute the same attention, products and norms."""
   library = str(tmp_path / "portable.so")
   subprocess.run(cpu_kernels.compile_command(cpu_kernels.compiler(), library, native=False),
                  check=True, capture_output=True)
   cpu_kernels.register(library, "_portable")
-  portable = functools.partial(cpu_attention.write_and_attend,
-                               target="prerl_decode_attention_portable")
+  portable = functools.partial(cpu_attention.write_and_attend, suffix="_portable")
   rng = np.random.default_rng(5)
   q = jnp.asarray(rng.normal(size=(6, 1, 4, 32)).astype(np.float32)) * 4
   new_token = _new_token(rng, 6, 2, 32)
   blocks = [_block(rng, 3, 2, 32, 21, np.arange(21)[None, :] >= np.array([[0], [3], [20]])),
             _block(rng, 6, 2, 32, 13, np.arange(13) <= 6)]
   _assert_matches_xla(q, new_token, 6, blocks, kernel=portable)
-  x, w = jnp.asarray(rng.normal(size=(1, 5, 30)).astype(np.float32)), rng.normal(size=(30, 2, 20))
-  packed = cpu_matmul.pack(jnp.asarray(w.astype(np.float32)))
-  np.testing.assert_allclose(
-      np.asarray(cpu_matmul.matmul(x, packed, target="prerl_packed_matmul_portable")),
-      np.asarray(dense(x, jnp.asarray(w.astype(np.float32)))), rtol=1e-5, atol=1e-5)
+  x = jnp.asarray(rng.normal(size=(1, 5, 30)).astype(np.float32))
+  w, up = (jnp.asarray(rng.normal(size=(30, 40)).astype(np.float32)) for _ in range(2))
+  residual = jnp.asarray(rng.normal(size=(1, 5, 40)).astype(np.float32))
+  packed, packed_up = cpu_matmul.pack(w), cpu_matmul.pack(up)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+  close(cpu_matmul.matmul(x, packed, suffix="_portable"), dense(x, w))
+  close(cpu_matmul.matmul(x, packed, residual, suffix="_portable"), dense(x, w, residual))
+  close(cpu_matmul.gated_matmul(x, packed, packed_up, suffix="_portable"), gated_dense(x, w, up))
+  close(cpu_norm.rms_norm(x, x[0, 0], 1e-5, suffix="_portable"), rms_norm(x, x[0, 0], 1e-5))
 
 
 @needs_kernel
@@ -169,7 +172,7 @@ def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
   compiler.chmod(0o755)
   monkeypatch.setenv("PRERL_JAX_CACHE", str(tmp_path / "cache"))
   with pytest.raises(RuntimeError,
-                     match="decode_attention_cpu.cc and .*packed_matmul_cpu.cc with .*broken-c"):
+                     match="decode_attention_cpu.cc, .*packed_matmul_cpu.cc, .*rms_norm_cpu.cc with .*broken-c"):
     cpu_kernels.build(str(compiler))
   assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
 
