@@ -172,7 +172,8 @@ def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
   compiler.chmod(0o755)
   monkeypatch.setenv("PRERL_JAX_CACHE", str(tmp_path / "cache"))
   with pytest.raises(RuntimeError,
-                     match="decode_attention_cpu.cc, .*packed_matmul_cpu.cc, .*rms_norm_cpu.cc with .*broken-c"):
+                     match="decode_attention_cpu.cc, .*packed_matmul_cpu.cc, .*rms_norm_cpu.cc "
+                           "with .*broken-c"):
     cpu_kernels.build(str(compiler))
   assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
 

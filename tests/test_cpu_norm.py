@@ -13,7 +13,8 @@ from test_cpu_attention import needs_kernel
 @needs_kernel
 @pytest.mark.parametrize("shape,eps", [
     ((2, 3, 44), 1e-5),    # 44 = five 8-lane vectors and a 4-element tail.
-    ((64, 1, 576), 1e-5),  # SmolLM2's decode-step norm.
+    ((64, 1, 576), 1e-5),  # SmolLM2's decode-step norm (one thread).
+    ((300, 1, 520), 1e-5),  # Above kThreadedElements: rows split over the pool.
     ((3, 1, 4, 16), 1e-6),  # A Qwen3 q-norm over head_dim.
     ((5, 7), 4.0),          # Shorter than a vector; eps large enough to matter.
 ])
