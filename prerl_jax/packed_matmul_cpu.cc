@@ -47,10 +47,11 @@ void Tile(const float* x, const float* panel, int64_t K, Vec (&rows)[Rows][kVect
 // the (first) weight, `second` that of the up weight (kSiluGate); `residual` is [M, N] (kResidual).
 template <Epilogue E, int Rows>
 void PanelRows(const float* x, const float* first, const float* second, const float* residual,
-          int64_t K, int64_t N, int64_t m, int64_t p, float* out) {
-  Vec sums[Rows][kVectors], up[Rows][kVectors];
+               int64_t K, int64_t N, int64_t m, int64_t p, float* out) {
+  Vec sums[Rows][kVectors];
   Tile<Rows>(x + m * K, first + p * K * kPanel, K, sums);
   if constexpr (E == Epilogue::kSiluGate) {
+    Vec up[Rows][kVectors];
     Tile<Rows>(x + m * K, second + p * K * kPanel, K, up);
     const Vec one = Vec{} + 1.0f;
     for (int r = 0; r < Rows; ++r) {

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cpu_kernel_pool.h"
+#include "cpu_register_tile.h"  // LoadVector
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -25,17 +26,11 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kThreadedElements = 1 << 17;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 void NormRow(const float* x, const float* weight, int64_t D, float eps, float* out) {
   Vec lanes = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes) {
-    const Vec v = Load(x + d);
+    const Vec v = prerl_jax::LoadVector<Vec>(x + d);
     lanes += v * v;
   }
   float sum = 0.0f;
@@ -44,7 +39,8 @@ void NormRow(const float* x, const float* weight, int64_t D, float eps, float* o
   const float scale = 1.0f / std::sqrt(sum / static_cast<float>(D) + eps);
   d = 0;
   for (; d + kLanes <= D; d += kLanes) {
-    const Vec v = Load(x + d) * scale * Load(weight + d);
+    const Vec v =
+        prerl_jax::LoadVector<Vec>(x + d) * scale * prerl_jax::LoadVector<Vec>(weight + d);
     std::memcpy(out + d, &v, sizeof v);
   }
   for (; d < D; ++d) out[d] = x[d] * scale * weight[d];
