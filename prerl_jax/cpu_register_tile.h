@@ -7,11 +7,17 @@
 
 namespace prerl_jax {
 
+// Unaligned loads and stores of one vector (memcpy compiles to one vector move).
 template <typename Vec>
 inline Vec LoadVector(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+template <typename Vec>
+inline void StoreVector(float* p, Vec v) {
+  std::memcpy(p, &v, sizeof(v));
 }
 
 struct NoStep {

@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -134,13 +133,9 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 // As many int32 lanes: comparison results (all bits set where true) and exponent bits.
 typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+inline Vec Load(const float* p) { return prerl_jax::LoadVector<Vec>(p); }
 
-inline void Store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
+inline void Store(float* p, Vec v) { prerl_jax::StoreVector(p, v); }
 
 inline Vec Select(const Mask& where, const Vec& a, const Vec& b) {
   return prerl_jax::SelectLanes<Vec, Mask>(where, a, b);

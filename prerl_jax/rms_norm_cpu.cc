@@ -9,11 +9,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #include "cpu_kernel_pool.h"
-#include "cpu_register_tile.h"  // LoadVector
+#include "cpu_register_tile.h"  // LoadVector, StoreVector
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,7 +40,7 @@ void NormRow(const float* x, const float* weight, int64_t D, float eps, float* o
   for (; d + kLanes <= D; d += kLanes) {
     const Vec v =
         prerl_jax::LoadVector<Vec>(x + d) * scale * prerl_jax::LoadVector<Vec>(weight + d);
-    std::memcpy(out + d, &v, sizeof v);
+    prerl_jax::StoreVector(out + d, v);
   }
   for (; d < D; ++d) out[d] = x[d] * scale * weight[d];
 }
