@@ -294,13 +294,8 @@ void QueueNext(const Problem& p, int64_t task, size_t b, Lookahead& ahead) {
       if (p.blocks[c].rows != p.rows) continue;
       const TaskBlock next = View(p, t, c);
       if (next.valid == 0) continue;  // Not read.
-      const int64_t H = p.head_dim, C = next.slots;
-      if (next.valid == C) {
-        ahead.Queue(next.keys, 1, H * C, 0, next.values, C * H);  // One contiguous range each.
-      } else {
-        ahead.Queue(next.keys, H, next.valid, C, next.values, next.valid * H);
-      }
-      return;
+      const int64_t H = p.head_dim;
+      return ahead.Queue(next.keys, H, next.valid, next.slots, next.values, next.valid * H);
     }
   }
   ahead.Clear();

@@ -59,7 +59,8 @@ def test_gated_matmul_matches_gated_dense(x_shape, columns, gate_scale):
 def test_gated_matmul_rejects_weights_of_different_shapes():
   rng = np.random.default_rng(0)
   gate, up = cpu_matmul.pack(_normal(rng, 8, 30)), cpu_matmul.pack(_normal(rng, 8, 20))
-  with pytest.raises(ValueError, match=r"weights differ in shape \(\(30,\) vs \(20,\)\)"):
+  with pytest.raises(ValueError,
+                     match=r"gate and up weights differ in shape \(\(30,\) vs \(20,\)\)"):
     cpu_matmul.gated_matmul(_normal(rng, 2, 1, 8), gate, up)
 
 
