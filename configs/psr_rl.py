@@ -1,6 +1,6 @@
 """Run configuration for the psr_rl objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
 
-from prerl_jax.run_config import make_config
+from prerl_jax.training.run_config import make_config
 
 
 def get_config(arg=None):

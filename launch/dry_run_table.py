@@ -60,7 +60,8 @@ def main():
   device_counts = [int(n) for n in args.devices.split(",")]
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(device_counts)}"
-  from prerl_jax import dry_run, run_config  # pylint: disable=import-outside-toplevel
+  from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
+  from prerl_jax.training import run_config  # pylint: disable=import-outside-toplevel
 
   rows, timings = [], []
   for model in args.models.split(","):

@@ -29,7 +29,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv):
     logging.set_verbosity(logging.WARNING)
-  from prerl_jax import evaluation, trainer  # pylint: disable=import-outside-toplevel
+  from prerl_jax.evals import evaluation  # pylint: disable=import-outside-toplevel
+  from prerl_jax.training import trainer  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   step = 0
   if _CHECKPOINT.value:

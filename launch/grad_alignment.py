@@ -23,12 +23,13 @@ from flax import nnx
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from prerl_jax import grad_alignment, run_config  # noqa: E402
-from prerl_jax.loading import load_model  # noqa: E402
-from prerl_jax.prompts import PromptConfig, encode_prompt  # noqa: E402
-from prerl_jax.sampler import Sampler, SamplingConfig, prompt_batch  # noqa: E402
-from prerl_jax.task_data import load_task_data  # noqa: E402
-from prerl_jax.tokenizer import chat_turn_start_id  # noqa: E402
+from prerl_jax.rl import grad_alignment  # noqa: E402
+from prerl_jax.training import run_config  # noqa: E402
+from prerl_jax.models.loading import load_model  # noqa: E402
+from prerl_jax.data.prompts import PromptConfig, encode_prompt  # noqa: E402
+from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch  # noqa: E402
+from prerl_jax.data.task_data import load_task_data  # noqa: E402
+from prerl_jax.models.tokenizer import chat_turn_start_id  # noqa: E402
 
 QUESTIONS = (
     "What is 17 + 25?",

@@ -64,7 +64,7 @@ def _initialize_distributed():
 
 
 def _summary_lines(summary: dict) -> list[str]:
-  from prerl_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from prerl_jax.evals import evaluation  # pylint: disable=import-outside-toplevel
   lines = [f"run directory: {summary['run_dir']}"]
   for key, title in (("eval_before", "before training"), ("eval_after", "after training")):
     if summary.get(key):
@@ -95,14 +95,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DRY_RUN.value:
-    from prerl_jax import dry_run  # pylint: disable=import-outside-toplevel
+    from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
     try:
       print(dry_run.report_text(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _JSON.value))
     except ValueError as error:
       sys.exit(f"tpu_run.py: {error}")
     return
   _initialize_distributed()
-  from prerl_jax import evaluation, trainer  # pylint: disable=import-outside-toplevel
+  from prerl_jax.evals import evaluation  # pylint: disable=import-outside-toplevel
+  from prerl_jax.training import trainer  # pylint: disable=import-outside-toplevel
   logging.info("devices: %s", jax.devices())
   run = trainer.Trainer(_CONFIG.value)
   try:

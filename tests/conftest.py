@@ -7,14 +7,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest  # noqa: E402
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                        "shared", "data")
-
-
 @pytest.fixture(scope="session")
 def smollm2():
   """(model, tokenizer) of the bundled SmolLM2-135M GGUF, loaded once per test session."""
-  from prerl_jax.loading import load_model
+  from prerl_jax.models.loading import load_model
   return load_model("smollm2-135m")
 
 

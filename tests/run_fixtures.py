@@ -4,11 +4,12 @@ import os
 
 import transformers
 
-from prerl_jax.presets import smollm2_gguf_path
-from prerl_jax.run_config import make_config, set_from_text
-from prerl_jax.tokenizer import load_tokenizer
+from prerl_jax.models.presets import smollm2_gguf_path
+from prerl_jax.training.run_config import make_config, set_from_text
+from prerl_jax.models.tokenizer import load_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")  # The project's data files.
 
 
 def save_tiny_chat_model(directory: str, seed: int = 0) -> str:

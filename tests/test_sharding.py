@@ -8,8 +8,8 @@ from flax import nnx
 
 import tiny_models
 from prerl_jax import sharding
-from prerl_jax.loading import load_model
-from prerl_jax.model import positions_from_mask
+from prerl_jax.models.loading import load_model
+from prerl_jax.models.decoder import positions_from_mask
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation: the dry run that proves a step fits a target."""

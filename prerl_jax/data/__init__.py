@@ -1,0 +1,1 @@
+"""Prompts, datasets and the grain input pipeline."""

@@ -1,0 +1,1 @@
+"""Held-out evaluation: mean@k / pass@k and reasoning-behaviour counts."""

@@ -1,0 +1,1 @@
+"""Sampling: the fused prefill + decode program and its KV cache."""

@@ -1,0 +1,1 @@
+"""Hardware-specific kernels, one folder per backend."""

@@ -1,0 +1,1 @@
+"""C++ XLA FFI kernels for the CPU decode step, and their Python wrappers."""

@@ -1,0 +1,1 @@
+"""The decoder, its config, rope, presets, tokenizers, checkpoint reading and export."""

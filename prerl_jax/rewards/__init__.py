@@ -1,0 +1,1 @@
+"""Verifiers: boxed-answer math grading and reasoning-gym scoring."""

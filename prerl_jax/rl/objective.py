@@ -1,0 +1,222 @@
+"""Objectives as data: the Objective dataclass, named presets, and the loss an Objective defines.
+
+An objective has up to two terms, one per scoring space:
+
+  L = rl_coef * L_post(conditional)  +  pretrain_coef * L_pre(marginal)
+
+`space` switches the terms on: 'conditional' keeps the first, 'marginal' the second, 'both' both.
+The conditional term uses `sample_selection` and `advantage`; the marginal term uses
+`pretrain_sample_selection` and `pretrain_advantage` (the reference's separate
+positive/negative_rl and positive/negative_pretrain flags). The fields of a switched-off term are
+unused. Coefficients always apply, so a pure pre-train objective (nsr_prerl, ...) is
+pretrain_coef * L_pre, as the reference's pretrain_only mode.
+
+Each term is the clipped surrogate plus kl_coef * KL(space, ref) minus entropy_coef * entropy,
+per token, aggregated over the tokens of the selected responses of that space.
+
+How the train step uses it (the Objective is hashable: pass it as a static argument):
+  once per batch, outside the gradient: `advantages = advantages_for(objective, rewards_B, G)`
+  (a dict space -> advantages_B; host or device) and, if micro-batching,
+  `dens = batch_denominators(objective, advantages, mask_BxT)` over the FULL batch;
+  in the loss: for each space in `objective.spaces`,
+  `logp[space], entropy[space] = score(params, batch, conditional=(space == CONDITIONAL))`, then
+  `loss, metric_sums = objective_loss(objective, logp, old_logp, advantages, mask_BxT,
+  entropy=entropy, ref_logp=..., denominators=dens)`.
+  Summing `loss` (and its gradient) over micro-batches that share the full-batch `dens` gives the
+  full-batch loss exactly; sum `metric_sums` the same way, then `finalize_metrics`.
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from prerl_jax.rl import losses as objectives
+
+CONDITIONAL = "conditional"
+MARGINAL = "marginal"
+SPACES = (CONDITIONAL, MARGINAL, "both")
+
+
+class Term(NamedTuple):
+  """One space's share of an objective."""
+
+  coef: float
+  sample_selection: str
+  advantage: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a training step optimizes; defaults are the reference's (GRPO in post-train space)."""
+
+  name: str
+  space: str = CONDITIONAL
+  rl_coef: float = 1.0
+  pretrain_coef: float = 0.01  # The reference's pretrain_loss_coef.
+  sample_selection: str = "all"
+  advantage: str = "grpo"
+  pretrain_sample_selection: str = "all"
+  pretrain_advantage: str = "mean_centered"  # Reference: pretrain_norm_adv_by_std=False.
+  w_reinforce_lambda: float = 0.1
+  clip_low: float = 0.2
+  clip_high: float = 0.2
+  dual_clip: float | None = 10.0
+  kl_coef: float = 0.0
+  kl_estimator: str = "k3"  # verl's default kl_loss_type, low_var_kl.
+  entropy_coef: float = 0.0
+  aggregation: str = "token-mean"
+
+  def __post_init__(self):
+    for key, choices in (("space", SPACES), ("sample_selection", objectives.SELECTIONS),
+                         ("pretrain_sample_selection", objectives.SELECTIONS),
+                         ("advantage", objectives.ADVANTAGES),
+                         ("pretrain_advantage", objectives.ADVANTAGES),
+                         ("kl_estimator", objectives.KL_ESTIMATORS),
+                         ("aggregation", objectives.AGGREGATIONS)):
+      objectives.check_choice(key, getattr(self, key), choices)
+    for key in ("rl_coef", "pretrain_coef", "w_reinforce_lambda", "clip_high", "kl_coef"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+    if not 0 <= self.clip_low < 1:
+      raise ValueError(f"clip_low={self.clip_low} must be in [0, 1)")
+    if self.dual_clip is not None and self.dual_clip <= 1:
+      raise ValueError(f"dual_clip={self.dual_clip} must be > 1 (or None to turn it off)")
+
+  @property
+  def spaces(self) -> tuple[str, ...]:
+    """The spaces this objective scores in, conditional first."""
+    return (CONDITIONAL, MARGINAL) if self.space == "both" else (self.space,)
+
+  def term(self, space: str) -> Term:
+    """Coefficient, sample selection and advantage estimator of one space's term."""
+    if space not in self.spaces:
+      raise ValueError(f"space={space!r} is not used by objective {self.name!r} {self.spaces}")
+    if space == CONDITIONAL:
+      return Term(self.rl_coef, self.sample_selection, self.advantage)
+    return Term(self.pretrain_coef, self.pretrain_sample_selection, self.pretrain_advantage)
+
+
+PRESETS = {
+    o.name: o
+    for o in (
+        Objective("grpo"),
+        Objective("nsr_rl", sample_selection="negative"),
+        Objective("psr_rl", sample_selection="positive"),
+        Objective("w_reinforce", advantage="w_reinforce"),
+        Objective("prerl", space=MARGINAL),
+        Objective("nsr_prerl", pretrain_sample_selection="negative", space=MARGINAL),
+        Objective("psr_prerl", pretrain_sample_selection="positive", space=MARGINAL),
+    )
+}
+_OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Objective) if f.name != "name")
+
+
+def get_objective(name: str, **overrides) -> Objective:
+  """The named preset with `overrides` applied to its fields."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown objective {name!r}; valid names: {sorted(PRESETS)}")
+  unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+  if unknown:
+    raise ValueError(f"unknown objective field(s) {unknown}; valid fields: {list(_OVERRIDABLE)}")
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def advantages_for(objective: Objective, rewards_B, group_size: int) -> dict[str, jax.Array]:
+  """Advantages_B for each space of the objective; parameter-free, so computed once per batch."""
+  return {
+      space: objectives.compute_advantages(
+          rewards_B, group_size, objective.term(space).advantage, objective.w_reinforce_lambda)
+      for space in objective.spaces
+  }
+
+
+def _selected_mask(objective, space, advantages_B, mask_BxT):
+  weights_B = objectives.selection_weights(advantages_B, objective.term(space).sample_selection)
+  return mask_BxT.astype(jnp.float32) * weights_B[:, None]
+
+
+def batch_denominators(objective: Objective, advantages: dict, mask_BxT,
+                       max_len: int | None = None) -> dict[str, jax.Array]:
+  """Each space's aggregation denominator; pass the full batch's to every micro-batch."""
+  return {
+      space: objectives.aggregation_denominator(
+          _selected_mask(objective, space, advantages[space], mask_BxT), objective.aggregation,
+          max_len)
+      for space in objective.spaces
+  }
+
+
+def _require(arg: str, values, spaces):
+  missing = [s for s in spaces if values is None or s not in values]
+  if missing:
+    raise ValueError(f"{arg} needs an entry for space(s) {missing}")
+
+
+def objective_loss(objective: Objective, logp: dict, old_logp: dict | None, advantages: dict,
+                   mask_BxT, *, ref_logp: dict | None = None, entropy: dict | None = None,
+                   denominators: dict | None = None, max_len: int | None = None):
+  """The scalar loss of one (micro-)batch and its additive metric sums.
+
+  logp, old_logp, advantages, ref_logp, entropy are dicts keyed by space, with an entry for every
+  space in `objective.spaces`: per-token (B, T) arrays over response positions, advantages (B,).
+  mask_BxT marks response tokens (the same positions in both spaces). old_logp=None means
+  on-policy (stop_gradient of logp, so rho == 1). ref_logp is required when kl_coef > 0, entropy
+  when entropy_coef != 0; given otherwise they only feed metrics. `denominators` (from
+  batch_denominators) default to this batch's own.
+
+  Returns (loss, metric_sums): metric_sums maps '<space>/<metric>' to an additive (sum, count)
+  pair: loss (the term before its coefficient), clip_frac, dual_clip_frac, approx_kl (old vs
+  current), kept_frac (selected responses), and when given ref_kl and entropy (over all responses).
+  """
+  spaces = objective.spaces
+  _require("logp", logp, spaces)
+  _require("advantages", advantages, spaces)
+  if old_logp is not None:
+    _require("old_logp", old_logp, spaces)
+  if objective.kl_coef > 0:
+    _require("ref_logp (kl_coef > 0)", ref_logp, spaces)
+  if objective.entropy_coef != 0:
+    _require("entropy (entropy_coef != 0)", entropy, spaces)
+  mask_BxT = mask_BxT.astype(jnp.float32)
+  live_B = (jnp.sum(mask_BxT, axis=-1) > 0).astype(jnp.float32)
+  loss = jnp.zeros((), jnp.float32)
+  metric_sums = {}
+  for space in spaces:
+    term = objective.term(space)
+    logp_BxT = logp[space].astype(jnp.float32)
+    current_BxT = jax.lax.stop_gradient(logp_BxT)
+    old_BxT = current_BxT if old_logp is None else old_logp[space].astype(jnp.float32)
+    kept_BxT = _selected_mask(objective, space, advantages[space], mask_BxT)
+    token_loss_BxT, clipped_BxT, dual_BxT = objectives.policy_loss_per_token(
+        logp_BxT, old_BxT, advantages[space], objective.clip_low, objective.clip_high,
+        objective.dual_clip)
+    sums = {
+        "clip_frac": objectives.masked_sum_count(clipped_BxT, kept_BxT),
+        "dual_clip_frac": objectives.masked_sum_count(dual_BxT, kept_BxT),
+        "approx_kl": objectives.masked_sum_count(old_BxT - current_BxT, kept_BxT),
+        "kept_frac": (jnp.sum(kept_BxT.max(axis=-1)), jnp.sum(live_B)),
+    }
+    if ref_logp is not None and space in ref_logp:
+      kl_BxT = objectives.kl_per_token(logp_BxT, ref_logp[space], objective.kl_estimator)
+      sums["ref_kl"] = objectives.masked_sum_count(jax.lax.stop_gradient(kl_BxT), kept_BxT)
+      if objective.kl_coef > 0:
+        token_loss_BxT = token_loss_BxT + objective.kl_coef * kl_BxT
+    if entropy is not None and space in entropy:
+      entropy_BxT = entropy[space].astype(jnp.float32)
+      sums["entropy"] = objectives.masked_sum_count(jax.lax.stop_gradient(entropy_BxT), mask_BxT)
+      if objective.entropy_coef != 0:
+        token_loss_BxT = token_loss_BxT - objective.entropy_coef * entropy_BxT
+    numerator, denominator = objectives.aggregate(
+        token_loss_BxT, kept_BxT, objective.aggregation, max_len)
+    sums["loss"] = (jax.lax.stop_gradient(numerator), denominator)
+    shared = denominator if denominators is None else denominators[space]
+    loss = loss + term.coef * objectives.safe_divide(numerator, shared)
+    metric_sums.update({f"{space}/{k}": v for k, v in sums.items()})
+  return loss, metric_sums
+
+
+def finalize_metrics(metric_sums: dict) -> dict[str, jax.Array]:
+  """Means from (sum, count) pairs, after summing them over micro-batches."""
+  return {k: objectives.safe_divide(s, c) for k, (s, c) in metric_sums.items()}

@@ -1,0 +1,1 @@
+"""The training loop, run configs, checkpointing, logging and caches."""

@@ -1,0 +1,291 @@
+"""The training loop: sample, score, update by phase; evaluate, checkpoint, log, resume.
+
+Every host runs the same loop over the same global batch (read by each host, so no host needs
+another's data); devices receive only their shards. Only process 0 writes logs.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from prerl_jax.evals import behaviour, evaluation
+from prerl_jax.training import caches, run_config
+from prerl_jax.data import pipeline as data_pipeline, prompts
+from prerl_jax import sharding
+from prerl_jax.training.checkpointing import Checkpointer
+from prerl_jax.models.export import export_hf
+from prerl_jax.models.loading import load_model
+from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
+from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
+from prerl_jax.data.task_data import load_task_data
+from prerl_jax.models.tokenizer import chat_turn_start_id
+from prerl_jax.rl.train_step import enter_phase, init_train_state, make_optimizer, make_train_step
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
+  """Fails early, naming the config keys, when a batch does not split over the devices."""
+  rollout, optim = config.rollout, config.optim
+  checks = (
+      ("rollout.prompts_per_step", rollout.prompts_per_step, batch_devices),
+      ("eval.prompts_per_call", config.eval.prompts_per_call, batch_devices),
+      ("rollout.prompts_per_step * rollout.group_size",
+       rollout.prompts_per_step * rollout.group_size, optim.micro_batches * batch_devices),
+  )
+  for key, value, divisor in checks:
+    if value % divisor:
+      raise ValueError(f"config {key} = {value} must be divisible by {divisor} (the mesh splits "
+                       f"batches {batch_devices} ways; optim.micro_batches = "
+                       f"{optim.micro_batches})")
+
+
+def response_width(longest: int, max_new_tokens: int, smallest: int = 32) -> int:
+  """Response columns the update needs: the longest response rounded up to smallest * 2**i.
+
+  Capped at max_new_tokens, so a run compiles at most log2(max_new_tokens / smallest) + 1 update
+  programs, and an update never pays for the padding of a batch whose responses all ended early.
+  """
+  width = smallest
+  while width < longest:
+    width *= 2
+  return min(width, max_new_tokens)
+
+
+class Trainer:
+  """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    if config.train.compilation_cache:
+      caches.enable_compilation_cache()
+    self.run_dir = config.train.run_dir.format(name=config.name)
+    self.mesh = sharding.make_mesh(**config.mesh)
+    check_batch_sizes(config, sharding.batch_devices(self.mesh))
+    model_cfg = config.model
+    self.model, self.tokenizer = load_model(
+        model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,
+        param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    self.data = load_task_data(config.data, config.reward, REPO_ROOT)
+    self.schedule = run_config.schedule_of(config)
+    self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,
+                                    config.optim.grad_clip, config.optim.b1, config.optim.b2)
+    kl_on = any(p.objective.kl_coef > 0 for p in self.schedule.phases)
+    self.graphdef, self.state = init_train_state(self.model, self.optimizer,
+                                                 seed=config.train.seed,
+                                                 with_reference=kl_on, mesh=self.mesh)
+    self.sampler = Sampler(self.model, self.mesh)
+    rollout = config.rollout
+    self.sampling = SamplingConfig.from_tokenizer(
+        self.tokenizer, rollout.max_new_tokens, temperature=rollout.temperature,
+        top_k=rollout.top_k, top_p=rollout.top_p, n=rollout.group_size)
+    bos = config.objective.marginal_bos_id
+    self.bos_id = bos if bos >= 0 else chat_turn_start_id(self.tokenizer)
+    self._steps = {}
+    self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
+                                     keep=config.train.keep_checkpoints)
+    self.logger = RunLogger(self.run_dir)
+
+  # -- pieces of a step ---------------------------------------------------------------------
+
+  def _encode(self, problem):
+    return prompts.encode_prompt(self.tokenizer, problem.messages, self.data.prompt_config)
+
+  def _train_step_for(self, objective):
+    if objective not in self._steps:
+      self._steps[objective] = make_train_step(
+          self.graphdef, objective, self.optimizer, group_size=self.config.rollout.group_size,
+          micro_batches=self.config.optim.micro_batches, bos_id=self.bos_id,
+          temperature=self.config.rollout.temperature,
+          other_space_metrics=self.config.train.log_both_spaces, mesh=self.mesh,
+          state=self.state)
+    return self._steps[objective]
+
+  def _decode(self, tokens_NxM, lengths_N) -> list[str]:
+    return [self.tokenizer.decode(row[:length], skip_special_tokens=True)
+            for row, length in zip(tokens_NxM, lengths_N)]
+
+  def _generate(self, sampling: SamplingConfig, key):
+    """An evaluation.Generate over the current params (a fixed key for comparable evals)."""
+    def generate(prompt_ids, n):
+      config = dataclasses.replace(sampling, n=n)
+      tokens, mask = sharding.shard_batch(prompt_batch(prompt_ids, config), self.mesh)
+      out = sharding.to_host(self.sampler.sample(self.state.params, tokens, mask, key, config))
+      texts = self._decode(out.tokens_NxM, out.lengths_N)
+      return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+    return generate
+
+  def _eval_sampling(self) -> SamplingConfig:
+    ev = self.config.eval
+    return dataclasses.replace(self.sampling, max_new_tokens=ev.max_new_tokens,
+                               temperature=ev.temperature)
+
+  def sample_responses(self, problems, n: int = 1, seed: int = 0) -> list[list[str]]:
+    """n responses to each problem from the current params, with the evaluation settings."""
+    generate = self._generate(self._eval_sampling(), jax.random.key(seed))
+    return generate([self._encode(p).ids for p in problems], n)
+
+  def evaluate(self, step: int) -> list[evaluation.DatasetResult]:
+    """Evaluates every eval set on the current params; logs `eval/<set>/...` at `step`."""
+    ev = self.config.eval
+    generate = self._generate(self._eval_sampling(),
+                              jax.random.key(self.config.train.seed + 10_000))
+    results = []
+    for name, problems in self.data.eval_sets:
+      result = evaluation.evaluate_dataset(
+          name, problems, generate, self.data.scorer, self._encode,
+          samples_per_problem=ev.samples_per_problem,
+          count_tokens=lambda s: len(self.tokenizer.encode(s, add_special_tokens=False)),
+          max_response_tokens=ev.max_new_tokens, prompts_per_call=ev.prompts_per_call)
+      results.append(result)
+      scalars = {f"eval/{name}/mean@{result.samples_per_problem}": result.mean_at_n}
+      scalars.update({f"eval/{name}/pass@{k}": v for k, v in result.pass_at_k.items()})
+      scalars.update({f"eval/{name}/{k}": v for k, v in result.behaviour.items()})
+      self.logger.write(step, scalars)
+    if self.logger.active:
+      with open(os.path.join(self.run_dir, f"eval_step_{step}.json"), "w") as f:
+        json.dump(evaluation.results_as_dicts(results), f, indent=2)
+    return results
+
+  # -- the loop -----------------------------------------------------------------------------
+
+  def batches(self):
+    """The resumable iterator of prompt batches for config.train.steps steps."""
+    cfg = self.config
+    steps_per_epoch = max(1, len(self.data.train) // cfg.rollout.prompts_per_step)
+    epochs = -(-cfg.train.steps // steps_per_epoch)
+    batches = data_pipeline.prompt_batches(
+        self.data.train, self._encode, global_batch_size=cfg.rollout.prompts_per_step,
+        num_epochs=epochs, seed=cfg.data.seed, pad_id=self.tokenizer.pad_token_id,
+        max_prompt_tokens=cfg.data.max_prompt_length, process_index=0, process_count=1)
+    return data_pipeline.resumable_iterator(batches)
+
+  def _restore(self, iterator) -> int:
+    """Resumes from the latest complete checkpoint; returns the number of completed steps."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return 0
+    self.state, data_state = self.checkpointer.restore(latest, self.state)
+    iterator.set_state(data_state["iterator"])
+    truncate_metrics_after(self.run_dir, latest)
+    logging.info("Resumed from %s at step %d", self.run_dir, latest)
+    return latest
+
+  def _rollout(self, batch, step: int):
+    """Samples G responses per prompt and scores them; returns (train batch, host metrics)."""
+    cfg = self.config
+    times = {}
+    start = time.perf_counter()
+    prompt_ids = [row[-length:] for row, length in zip(batch["prompt_ids"],
+                                                       batch["prompt_lengths"])]
+    tokens_BxP, mask_BxP = sharding.shard_batch(prompt_batch(prompt_ids, self.sampling),
+                                                self.mesh)
+    key = jax.random.fold_in(self.state.rng, step)
+    out = sharding.to_host(
+        self.sampler.sample(self.state.params, tokens_BxP, mask_BxP, key, self.sampling))
+    lengths_N, truncated_N = out.lengths_N, out.truncated_N
+    times["time/sample"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    texts = self._decode(out.tokens_NxM, lengths_N)
+    group = cfg.rollout.group_size
+    problems = [p for p in batch["problems"] for _ in range(group)]
+    scored = self.data.scorer(texts, problems)
+    rewards_N = np.asarray(scored.rewards, np.float32)
+    times["time/score"] = time.perf_counter() - start
+
+    width = response_width(int(lengths_N.max()), out.tokens_NxM.shape[1])
+    train_batch = sharding.shard_batch({
+        "prompt_tokens": out.prompt_tokens_NxP,
+        "prompt_mask": out.prompt_mask_NxP,
+        "response_tokens": out.tokens_NxM[:, :width],
+        "response_mask": np.arange(width) < lengths_N[:, None],
+        "sampler_logp": out.logprobs_NxM[:, :width],
+        "rewards": rewards_N,
+    }, self.mesh)
+    host = {
+        "reward/mean": float(rewards_N.mean()),
+        "reward/accuracy": float((rewards_N >= 1.0).mean()),
+        "response/tokens_mean": float(lengths_N.mean()),
+        "response/tokens_max": int(lengths_N.max()),
+        "response/truncated_fraction": float(truncated_N.mean()),
+        "response/update_width": width,
+        "prompt/truncated": int(batch["prompt_truncated"].sum()),
+        "sample/tokens": int(lengths_N.sum()),
+        **{f"reward/{k}": v for k, v in scored.counts.items()},
+        **{f"behaviour/{k}": v for k, v in behaviour.behaviour_metrics(
+            texts, list(lengths_N), list(truncated_N), rewards_N, group).items()},
+        **times,
+    }
+    return train_batch, host, texts
+
+  def train_step(self, step: int, batch) -> tuple[dict, list[str]]:
+    """One RL step on a prompt batch: sample, score, update by the phase of `step`.
+
+    Returns (metrics with `time/{sample,score,update,step}`, the decoded responses).
+    """
+    phase = self.schedule.phase_at(step)
+    if self.schedule.is_switch(step):
+      self.state = enter_phase(self.state, phase, self.optimizer)
+    train_batch, host, texts = self._rollout(batch, step)
+    start = time.perf_counter()
+    self.state, metrics = self._train_step_for(phase.objective)(self.state, train_batch)
+    metrics = sharding.to_host(metrics)
+    host["time/update"] = time.perf_counter() - start
+    host["time/step"] = host["time/sample"] + host["time/score"] + host["time/update"]
+    host["sample/tokens_per_s"] = host["sample/tokens"] / host["time/sample"]
+    host["phase"] = self.schedule.phases.index(phase)
+    host["objective"] = phase.objective.name
+    return {**host, **metrics}, texts
+
+  def run(self) -> dict:
+    """Trains for config.train.steps steps (resuming if possible); returns a summary."""
+    cfg = self.config
+    if self.logger.active:
+      with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    iterator = self.batches()
+    done = self._restore(iterator)
+    summary = {"run_dir": self.run_dir, "resumed_from": done}
+    if cfg.eval.at_start and done == 0:
+      summary["eval_before"] = self.evaluate(0)
+    progress = tqdm.tqdm(total=cfg.train.steps, initial=done, desc=cfg.name,
+                         disable=not self.logger.active, dynamic_ncols=True)
+    for step in range(done + 1, cfg.train.steps + 1):
+      metrics, texts = self.train_step(step, next(iterator))
+      self.logger.write(step, metrics)
+      if cfg.train.log_samples:
+        self.logger.write_texts(step, "samples", texts[:cfg.train.log_samples])
+      progress.set_postfix(objective=metrics["objective"],
+                           acc=f"{metrics['reward/accuracy']:.2f}",
+                           loss=f"{float(metrics['loss']):.4f}")
+      progress.update()
+      if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+        self.evaluate(step)
+      if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        self.checkpointer.save(step, self.state, {"iterator": iterator.get_state()})
+    progress.close()
+    self.checkpointer.wait()
+    if cfg.eval.at_end:
+      summary["eval_after"] = self.evaluate(cfg.train.steps)
+    if cfg.train.export_hf:
+      model = nnx.merge(self.graphdef, self.state.params)
+      summary["export"] = export_hf(model, os.path.join(self.run_dir, "hf_export"),
+                                    self.tokenizer)
+    summary["skipped_updates"] = int(sharding.to_host(self.state.skipped))
+    summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return summary
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.logger.close()
+    self.data.close()

@@ -1,0 +1,137 @@
+"""Tests for the math-verify reward: a verifier table, hostile inputs, no code execution."""
+
+import time
+
+import numpy as np
+import pytest
+
+from prerl_jax.rewards import math_reward
+
+TIMEOUT_S = 2.0
+
+# (response, ground truth, expected reward)
+VERIFIER_TABLE = [
+    ("The answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}", 1),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1),
+    ("\\boxed{\\tfrac12}", "\\frac{1}{2}", 1),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1),
+    ("\\boxed{1/2}", "0.5", 1),
+    ("\\boxed{0.25}", "\\frac{1}{3}", 0),
+    ("\\boxed{\\frac{2}{4}}", "\\frac12", 1),
+    ("\\boxed{3.0}", "3", 1),
+    ("\\boxed{3.5}", "\\frac72", 1),
+    ("\\boxed{\\frac{7}{3}}", "2\\frac{1}{3}", 1),
+    ("\\boxed{5 \\text{ cm}}", "5", 1),
+    ("\\boxed{5\\text{ inches}}", "5", 1),
+    ("\\boxed{\\$18.90}", "18.90", 1),
+    ("\\boxed{10\\%}", "10", 1),
+    ("\\boxed{90^\\circ}", "90", 1),
+    ("\\boxed{x = 3}", "3", 1),
+    ("So we get $\\boxed{42}$ apples in total.", "42", 1),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]", 1),
+    ("\\boxed{[-1, 3)}", "(-1,3]", 0),
+    ("\\boxed{[2,5]}", "[2,5]", 1),
+    ("\\boxed{(1,2) \\cup (3,4)}", "(1,2)\\cup(3,4)", 1),
+    ("\\boxed{1} then, correcting myself, \\boxed{2}", "2", 1),
+    ("\\boxed{2} then, correcting myself, \\boxed{1}", "2", 0),
+    ("The answer is 7.", "7", 0),
+    ("", "7", 0),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", 1),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt2}{2}", 1),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", 1),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1),
+    ("\\boxed{\\sqrt{3}}", "\\sqrt{2}", 0),
+    ("\\boxed{{{7}}}", "7", 1),
+    ("\\boxed{\\frac{\\frac{1}{2}}{2}}", "\\frac14", 1),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", 1),
+    ("\\boxed{x^2+1}", "(x+1)^2", 0),
+    ("\\boxed{\\pi}", "\\pi", 1),
+    ("\\boxed{3, 5}", "5,3", 1),
+    ("\\boxed{(3, 5)}", "(3,5)", 1),
+    ("\\boxed{\\text{(C)}}", "\\text{(C)}", 1),
+    ("\\boxed{C}", "\\text{(C)}", 1),
+    ("\\boxed{1,000}", "1000", 1),
+    ("\\boxed{-4}", "4", 0),
+    ("\\fbox{12}", "12", 1),
+    ("\\boxed 9", "9", 1),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+     1),
+    ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}", 0),
+    ("\\boxed{2^{10}}", "1024", 1),
+    ("\\boxed{\\infty}", "\\infty", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def pool():
+  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S) as verifier_pool:
+    yield verifier_pool
+
+
+@pytest.mark.parametrize("response, truth, expected", VERIFIER_TABLE)
+def test_verifier_table(pool, response, truth, expected):
+  assert pool.score([response], [truth]).rewards.tolist() == [expected]
+
+
+def test_batch_rewards_and_missing_answer_count(pool):
+  result = pool.score([case[0] for case in VERIFIER_TABLE], [case[1] for case in VERIFIER_TABLE])
+  np.testing.assert_array_equal(result.rewards, [case[2] for case in VERIFIER_TABLE])
+  assert result.missing_answers == 3  # No box, empty, unclosed box.
+  assert result.timeouts == 0
+
+
+def test_hostile_inputs_finish_within_the_time_limit(pool):
+  hostile = [
+      "\\boxed{9^{9^{9^{9}}}}",
+      "\\boxed{" + "(" * 300 + "1" + ")" * 300 + "}",
+      "\\boxed{" + "\\frac{1}{" * 100 + "2" + "}" * 100 + "}",
+      "a" * 1_000_000 + "\\boxed{2}",
+      "\\boxed{" + "1+" * 500_000 + "1}",
+      "b" * 1_000_000,
+  ]
+  start = time.monotonic()
+  result = pool.score(hostile + ["\\boxed{3}"], ["1", "1", "1", "2", "1", "1", "3"])
+  elapsed = time.monotonic() - start
+  assert elapsed < 3 * TIMEOUT_S  # Two workers, each overrun cut at TIMEOUT_S.
+  assert result.rewards.tolist() == [0, 0, 0, 1, 0, 0, 1]
+  assert result.timeouts >= 1  # 9^{9^{9^{9}}} cannot finish.
+  assert result.parse_failures >= 1  # The megabyte box is over the length cap.
+  assert result.missing_answers == 1
+  replaced_workers_result = pool.score(["\\boxed{\\frac{3}{6}}"], ["0.5"])
+  assert replaced_workers_result.rewards.tolist() == [1]
+
+
+def test_boxed_python_is_never_executed(pool, tmp_path):
+  marker = tmp_path / "PWNED"
+  payloads = [
+      f"\\boxed{{__import__('os').system('touch {marker}')}}",
+      f"\\boxed{{eval(\"open('{marker}', 'w')\")}}",
+      f"\\boxed{{exec(\"import os; os.system('touch {marker}')\")}}",
+  ]
+  result = pool.score(payloads, ["1"] * 3)
+  assert result.rewards.tolist() == [0, 0, 0]
+  assert not marker.exists()
+  assert not list(tmp_path.iterdir())
+
+
+def test_over_length_answer_or_empty_truth_is_a_parse_failure():
+  with math_reward.MathVerifierPool(num_workers=1, timeout_s=TIMEOUT_S,
+                                    max_answer_chars=10) as short_pool:
+    result = short_pool.score(["\\boxed{12345678901}", "\\boxed{5}", "\\boxed{}"], ["1", "5", ""])
+  assert result.rewards.tolist() == [0, 1, 0]
+  assert result.counts == {"missing_answers": 0, "parse_failures": 2, "timeouts": 0}
+
+
+def test_mismatched_lengths_are_an_error(pool):
+  with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
+    pool.score(["a", "b"], ["1"])
+
+
+def test_dead_workers_are_replaced():
+  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S) as crash_pool:
+    for worker in crash_pool._workers:  # pylint: disable=protected-access
+      worker.process.kill()
+      worker.process.join()
+    result = crash_pool.score(["\\boxed{\\frac{4}{8}}", "\\boxed{0.2}", "\\boxed{3}"],
+                              ["0.5", "\\frac15", "4"])
+  assert result.rewards.tolist() == [1, 1, 0]
