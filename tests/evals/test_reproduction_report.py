@@ -1,13 +1,9 @@
-"""launch/plot_reproduction.py on metrics files written here: tables, thresholds, PNGs."""
+"""The reproduction report on metrics files written here: tables, thresholds, PNGs."""
 
 import json
 import os
-import sys
 
-import run_fixtures
-
-sys.path.insert(0, os.path.join(run_fixtures.REPO_ROOT, "launch"))
-import plot_reproduction  # noqa: E402
+from prerl_jax.evals import reproduction_report
 
 
 def _write_run(out, method, accuracies, before, after, steps):
@@ -40,9 +36,8 @@ def test_tables_report_eval_rows_and_steps_to_thresholds(tmp_path):
   # Step 1 accuracy 0.20 -> thresholds 25%, 30%, 35% on the 3-step trailing mean.
   _write_run(out, "grpo", [0.2, 0.2, 0.35, 0.35, 0.35, 0.35], _eval(0.2), _eval(0.3), 6)
   _write_run(out, "dsrl", [0.2, 0.5, 0.5, 0.1, 0.1, 0.1], None, _eval(0.25), 6)
-  sys.argv = ["plot_reproduction.py", f"--out={out}", "--methods=grpo,dsrl,nsr_rl"]
-  plot_reproduction.main()
-  text = open(os.path.join(out, "reproduction.md")).read()
+  text = reproduction_report.write_report(out, ["grpo", "dsrl", "nsr_rl"])
+  assert text == open(os.path.join(out, "reproduction.md")).read()
   lines = text.splitlines()
   assert "| base (before) | 20.0 | 20.0 | 30.0 | 40.0 | 12.0 | 25.0% |" in lines
   assert "| GRPO | 30.0 | 30.0 | 40.0 | 50.0 | 12.0 | 25.0% |" in lines
