@@ -5,11 +5,13 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
+import pytest
 import run_fixtures
 
 NOTEBOOK = os.path.join(run_fixtures.REPO_ROOT, "notebooks", "dsrl_demo.ipynb")
 
 
+@pytest.mark.slow
 def test_dsrl_demo_notebook_runs_and_reports_both_methods(tmp_path, monkeypatch):
   monkeypatch.setenv("PRERL_NOTEBOOK_SMOKE", "1")
   monkeypatch.setenv("XLA_FLAGS", "")  # One CPU device, as in Colab.

@@ -15,12 +15,12 @@ from prerl_jax.models.loading import load_model
 from prerl_jax.models.decoder import positions_from_mask
 from prerl_jax.models.presets import smollm2_gguf_path
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, _categorical, prompt_batch
-from test_cpu_attention import needs_kernel
+from kernel_marks import needs_cpu_kernels
 
 STOP = tiny_models.TINY_SHAPE["eos_token_id"]
 PAD = tiny_models.TINY_SHAPE["pad_token_id"]
 BUCKETS = (8, 16, 32)
-KERNELS = ["xla", pytest.param("cpu", marks=needs_kernel)]
+KERNELS = ["xla", pytest.param("cpu", marks=needs_cpu_kernels)]
 
 
 @pytest.fixture(scope="module")

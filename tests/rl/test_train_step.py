@@ -138,6 +138,7 @@ def test_dsrl_switch_step_and_resets():
                                                   jax.tree.leaves(reference))) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
 def test_sharded_step_equals_single_device(mesh_shape):
   assert jax.device_count() == 8

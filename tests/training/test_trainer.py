@@ -132,6 +132,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_params_of_one(model_dir, tmp_path):
   single = str(tmp_path / "single")
   _run(_command(model_dir, single, 2))

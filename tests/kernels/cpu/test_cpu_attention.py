@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_marks import needs_cpu_kernels
 
 from prerl_jax.kernels.cpu import attention as cpu_attention, library as cpu_kernels, matmul as cpu_matmul, norm as cpu_norm
 from prerl_jax.generate import decode
@@ -17,8 +18,6 @@ from prerl_jax import sharding
 from prerl_jax.models.decoder import dense, gated_dense, rms_norm
 from prerl_jax.generate.sampler import _resolve_kernels
 
-needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
-                                  reason="no working C++ compiler")
 
 
 def _block(rng, rows, kv, head_dim, slots, mask):
@@ -55,7 +54,7 @@ def _assert_matches_xla(q, new_token, offset, blocks, kernel=cpu_attention.write
   return got
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("kv,groups,head_dim", [(2, 3, 16), (1, 4, 8), (3, 1, 64), (2, 5, 16)])
 def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
   rng = np.random.default_rng(kv * 10 + groups)
@@ -75,7 +74,7 @@ def test_kernel_matches_xla_block_attention(kv, groups, head_dim):
   np.testing.assert_allclose(np.asarray(changed), np.asarray(got), atol=1e-6)
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("head_dim,groups,q_scale,atol", [(64, 3, 1.0, 2e-6), (128, 4, 1.0, 2e-6),
                                                           (32, 7, 1.0, 2e-6), (64, 3, 40.0, 1e-5)])
 def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
@@ -103,7 +102,7 @@ def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
   np.testing.assert_array_equal(np.asarray(changed), np.asarray(got))
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_portable_build_matches_xla(tmp_path):
   """The kernels built without -march=native (the fallback build: 4-lane SSE / NEON vectors where
   the native one has 8-lane AVX) compute the same attention, products and norms."""
@@ -129,7 +128,7 @@ def test_portable_build_matches_xla(tmp_path):
   close(cpu_norm.rms_norm(x, x[0, 0], 1e-5, suffix="_portable"), rms_norm(x, x[0, 0], 1e-5))
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_kernel_rejects_non_float32_caches():
   rng = np.random.default_rng(0)
   q = jnp.zeros((2, 1, 2, 8), jnp.bfloat16)
@@ -139,7 +138,7 @@ def test_kernel_rejects_non_float32_caches():
     cpu_attention.write_and_attend(q, *new_token, 0, blocks)
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_kernel_requires_the_last_block_aliased():
   """Called without aliasing its results to the last block, the kernel refuses (it writes the new
   token into that block in place)."""
@@ -181,7 +180,7 @@ def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
   assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_build_is_cached(tmp_path, monkeypatch):
   monkeypatch.setenv("PRERL_JAX_CACHE", str(tmp_path))
   compiler = cpu_kernels.compiler()

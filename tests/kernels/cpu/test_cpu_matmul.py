@@ -8,14 +8,14 @@ import pytest
 
 from prerl_jax.kernels.cpu import matmul as cpu_matmul
 from prerl_jax.models.decoder import INPUT_AXES, dense, gated_dense
-from test_cpu_attention import needs_kernel
+from kernel_marks import needs_cpu_kernels
 
 
 def _normal(rng, *shape):
   return jnp.asarray(rng.normal(size=shape).astype(np.float32))
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("x_shape,w_shape,input_axes", [
     ((2, 3, 40), (40, 50), 1),        # 6 rows (a 4-row tile and 2 single rows), a partial panel.
     ((5, 1, 64), (64, 3, 16), 1),     # Two output axes (wq), 48 columns: two full panels.
@@ -37,7 +37,7 @@ def test_matmul_matches_dense(x_shape, w_shape, input_axes, with_residual):
     assert float(jnp.abs(got - jax.jit(dense)(x, w)).max()) > 1.0
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("x_shape,columns,gate_scale", [
     ((2, 3, 40), 50, 1.0),   # 6 rows (a 4-row tile and 2 single rows), a partial panel.
     ((4, 1, 16), 48, 30.0),  # Gate values far past +-88, where the kernel's exp saturates.
@@ -87,7 +87,7 @@ def test_pack_rejects_non_float32():
     cpu_matmul.pack(jnp.zeros((4, 4), jnp.bfloat16))
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_kernel_rejects_a_wrong_packing():
   call = jax.ffi.ffi_call(cpu_matmul.TARGET, jax.ShapeDtypeStruct((2, 20), jnp.float32))
   with pytest.raises(Exception, match=r"packed as \[panels, K, 24\]"):

@@ -7,10 +7,10 @@ import pytest
 
 from prerl_jax.kernels.cpu import norm as cpu_norm
 from prerl_jax.models.decoder import rms_norm
-from test_cpu_attention import needs_kernel
+from kernel_marks import needs_cpu_kernels
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("shape,eps", [
     ((2, 3, 44), 1e-5),    # 44 = five 8-lane vectors and a 4-element tail.
     ((64, 1, 576), 1e-5),  # SmolLM2's decode-step norm (one thread).
@@ -37,7 +37,7 @@ def test_rejects_non_float32():
     cpu_norm.rms_norm(jnp.zeros((2, 4), jnp.bfloat16), jnp.ones((4,)), 1e-5)
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_kernel_rejects_a_weight_of_the_wrong_size():
   with pytest.raises(Exception, match="prerl_rms_norm: .*got D = 8 and a weight of 7"):
     jax.block_until_ready(cpu_norm.rms_norm(jnp.ones((2, 8)), jnp.ones((7,)), 1e-5))
