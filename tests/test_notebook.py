@@ -3,9 +3,9 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-import pytest
 import run_fixtures
 
 NOTEBOOK = os.path.join(run_fixtures.REPO_ROOT, "notebooks", "dsrl_demo.ipynb")
