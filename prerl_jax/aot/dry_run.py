@@ -193,7 +193,7 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
   optimizer = train_step.make_optimizer(optim.learning_rate, optim.weight_decay, optim.grad_clip,
                                         optim.b1, optim.b2)
   schedule = run_config.schedule_of(config)
-  with_reference = any(p.objective.kl_coef > 0 for p in schedule.phases)
+  with_reference = any(p.objective.kl_spaces for p in schedule.phases)
   state = train_step.TrainState(
       params=abstract_params, opt_state=jax.eval_shape(optimizer.init, abstract_params),
       step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(jax.random.key, 0),

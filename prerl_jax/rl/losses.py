@@ -35,21 +35,30 @@ def _grouped(rewards_B, group_size: int):
   return rewards_B.reshape(-1, group_size)
 
 
+def _centered(rewards_NxG):
+  """r - mean_group(r), exactly 0 in every group whose rewards are all equal.
+
+  A compiled group mean can be off by a rounding error (XLA multiplies by 1 / G, which is
+  inexact when G is not a power of two); the exact 0 keeps tied groups out of NSR and PSR.
+  """
+  tied_Nx1 = rewards_NxG.max(axis=1, keepdims=True) == rewards_NxG.min(axis=1, keepdims=True)
+  centered_NxG = rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)
+  return jnp.where(tied_Nx1, 0.0, centered_NxG)
+
+
 def mean_centered_advantages(rewards_B, group_size: int):
-  """Dr. GRPO advantage r - mean_group(r), one value per response."""
-  rewards_NxG = _grouped(rewards_B, group_size)
-  return (rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)).reshape(-1)
+  """Dr. GRPO advantage r - mean_group(r), one value per response; 0 in tied groups."""
+  return _centered(_grouped(rewards_B, group_size)).reshape(-1)
 
 
 def grpo_advantages(rewards_B, group_size: int, eps: float = 1e-6):
   """GRPO advantage (r - mean_group r) / (std_group r + eps), with the unbiased (n - 1) std.
 
-  A group whose rewards are all equal gets advantage 0.
+  A group whose rewards are all equal gets advantage exactly 0.
   """
   rewards_NxG = _grouped(rewards_B, group_size)
-  centered_NxG = rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)
   std_Nx1 = rewards_NxG.std(axis=1, ddof=1, keepdims=True)
-  return (centered_NxG / (std_Nx1 + eps)).reshape(-1)
+  return (_centered(rewards_NxG) / (std_Nx1 + eps)).reshape(-1)
 
 
 def w_reinforce_advantages(rewards_B, lam: float = 0.1):
@@ -150,27 +159,27 @@ def aggregation_denominator(mask_BxT, mode: str, max_len: int | None = None):
   mask_BxT = mask_BxT.astype(jnp.float32)
   if mode == "token-mean":
     return jnp.sum(mask_BxT)
-  live_sequences = jnp.sum((jnp.sum(mask_BxT, axis=-1) > 0).astype(jnp.float32))
   if mode == "seq-mean-token-sum-norm":
-    return live_sequences * (mask_BxT.shape[-1] if max_len is None else max_len)
-  return live_sequences
+    return jnp.asarray(mask_BxT.shape[-1] if max_len is None else max_len, jnp.float32)
+  return jnp.sum((jnp.sum(mask_BxT, axis=-1) > 0).astype(jnp.float32))
 
 
 def aggregate(loss_BxT, mask_BxT, mode: str, max_len: int | None = None):
   """Reduces per-token losses to (numerator, denominator); the loss is their ratio.
 
   The mask must already include the sample selection: a deselected response is absent from both
-  parts. Both parts are sums over responses, so summing them over micro-batches and dividing
-  once reproduces the full-batch loss exactly. "Live" sequences have at least one masked token.
+  parts. Numerators are sums over responses, so summing them over micro-batches and dividing once
+  by the full batch's denominator reproduces the full-batch loss exactly. "Live" sequences have
+  at least one masked token.
 
   | mode                      | numerator                      | denominator            |
   | token-mean                | sum of token losses            | number of tokens       |
   | seq-mean-token-mean       | sum over seqs of token means   | live sequences         |
   | seq-mean-token-sum        | sum of token losses            | live sequences         |
-  | seq-mean-token-sum-norm   | sum of token losses            | live seqs * max_len    |
+  | seq-mean-token-sum-norm   | sum of token losses            | max_len (a constant)   |
 
-  seq-mean-token-sum-norm is Dr. GRPO's constant-length normalizer (max_len defaults to T);
-  verl divides by max_len alone and scales by 1 / micro-batch count instead of sequences.
+  seq-mean-token-sum-norm is Dr. GRPO's constant normalizer as verl defines it: max_len defaults
+  to T, the padded response width, whatever the number of responses.
   """
   denominator = aggregation_denominator(mask_BxT, mode, max_len)
   mask_BxT = mask_BxT.astype(jnp.float32)

@@ -128,8 +128,8 @@ def _other_space(objective: Objective):
   return MARGINAL if objective.space == CONDITIONAL else CONDITIONAL
 
 
-def micro_batch_loss(graphdef, params, batch: dict, advantages: dict, denominators: dict,
-                     objective: Objective, *, bos_id=None, temperature=1.0,
+def micro_batch_loss(graphdef, params, batch: dict, advantages: dict,
+                     denominators: oc.Denominators, objective: Objective, *, bos_id=None, temperature=1.0,
                      chunk_size=scoring.DEFAULT_CHUNK_SIZE, reference=None,
                      other_space_metrics: bool = False):
   """(loss, (metric_sums, max_abs_sampler_diff)) of one micro-batch, to differentiate in params.
@@ -145,12 +145,12 @@ def micro_batch_loss(graphdef, params, batch: dict, advantages: dict, denominato
   for space in objective.spaces:
     logp[space], entropy[space] = score(model, batch, space == CONDITIONAL)
   ref_logp = None
-  if objective.kl_coef > 0:
+  if objective.kl_spaces:
     if reference is None:
       raise ValueError(f"objective {objective.name!r} has kl_coef={objective.kl_coef}: build the "
                        "state with init_train_state(..., with_reference=True)")
     ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(reference))
-    ref_logp = {s: score(ref_model, batch, s == CONDITIONAL)[0] for s in objective.spaces}
+    ref_logp = {s: score(ref_model, batch, s == CONDITIONAL)[0] for s in objective.kl_spaces}
   mask_BxR = jnp.asarray(batch["response_mask"], jnp.float32)
   loss, sums = oc.objective_loss(objective, logp, batch.get("old_logp"), advantages, mask_BxR,
                                  ref_logp=ref_logp, entropy=entropy, denominators=denominators)

@@ -79,7 +79,7 @@ class Trainer:
     self.schedule = run_config.schedule_of(config)
     self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,
                                     config.optim.grad_clip, config.optim.b1, config.optim.b2)
-    kl_on = any(p.objective.kl_coef > 0 for p in self.schedule.phases)
+    kl_on = any(p.objective.kl_spaces for p in self.schedule.phases)
     self.graphdef, self.state = init_train_state(self.model, self.optimizer,
                                                  seed=config.train.seed,
                                                  with_reference=kl_on, mesh=self.mesh)

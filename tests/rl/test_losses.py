@@ -31,6 +31,45 @@ def test_mean_centered_and_w_reinforce_advantages():
   np.testing.assert_allclose(obj.compute_advantages([1., 0], 2, "w_reinforce", 0.5), [0.5, -1.0])
 
 
+def _tied_group_advantages(rewards_B, group_size):
+  advantages = {e: obj.compute_advantages(rewards_B, group_size, e)
+                for e in ("grpo", "mean_centered")}
+  kept = {(e, s): obj.selection_weights(a, s)
+          for e, a in advantages.items() for s in ("negative", "positive")}
+  return advantages, kept
+
+
+def test_tied_group_of_three_is_exactly_zero_under_jit():
+  # The issue's case: G = 3, rewards all 1 gave -0.0298 (GRPO) and -2.98e-8 (mean-centered);
+  # eight groups, as XLA's vectorized group mean is the inexact one.
+  advantages, kept = jax.jit(_tied_group_advantages, static_argnums=1)(jnp.ones(24), 3)
+  for a in advantages.values():
+    np.testing.assert_array_equal(a, np.zeros(24))
+  assert sum(float(w.sum()) for w in kept.values()) == 0
+
+
+@pytest.mark.slow  # 63 compilations: about 30 s on two busy cores.
+def test_tied_groups_are_exactly_zero_under_jit_for_every_group_size():
+  for group_size in range(2, 65):
+    # Four tied groups of ones, four of 0.3, then a mixed group [1, 0, 0, ...].
+    tied = 8 * group_size
+    mixed = np.zeros(group_size, np.float32)
+    mixed[0] = 1.0
+    rewards = jnp.asarray(np.concatenate([np.ones(tied // 2), np.full(tied // 2, 0.3), mixed]),
+                          jnp.float32)
+    advantages, kept = jax.jit(_tied_group_advantages, static_argnums=1)(rewards, group_size)
+    for estimator, a in advantages.items():
+      a = np.asarray(a)
+      assert (a[:tied] == 0).all(), (group_size, estimator, a[:tied])
+      assert a[tied] > 0 and (a[tied + 1:] < 0).all(), (group_size, estimator)
+    for (estimator, selection), weights in kept.items():
+      weights = np.asarray(weights)
+      assert weights[:tied].sum() == 0, (group_size, estimator, selection)
+      assert weights[tied:].sum() == (1 if selection == "positive" else group_size - 1)
+  with pytest.raises(ValueError, match="group_size=1"):  # No baseline: an error, not A = 0.
+    jax.jit(_tied_group_advantages, static_argnums=1)(jnp.ones(3), 1)
+
+
 @pytest.mark.parametrize("rewards,group_size,match", [
     ([1., 0, 0], 2, "group_size=2"),
     ([1., 0], 1, "group_size=1"),
@@ -66,13 +105,20 @@ MASK = jnp.array([[1., 1, 0], [1, 0, 0], [0, 0, 0]])  # The third row is empty.
     ("token-mean", None, 7.0, 3.0),
     ("seq-mean-token-mean", None, 1.5 + 4.0, 2.0),
     ("seq-mean-token-sum", None, 7.0, 2.0),
-    ("seq-mean-token-sum-norm", 4, 7.0, 8.0),
-    ("seq-mean-token-sum-norm", None, 7.0, 6.0),
+    ("seq-mean-token-sum-norm", 4, 7.0, 4.0),
+    ("seq-mean-token-sum-norm", None, 7.0, 3.0),
 ])
 def test_aggregate_hand_cases(mode, max_len, numerator, denominator):
   num, den = obj.aggregate(LOSS, MASK, mode, max_len)
   assert float(num) == pytest.approx(numerator)
   assert float(den) == pytest.approx(denominator)
+
+
+def test_token_sum_norm_divides_by_the_padded_width_only():
+  # The issue's case: unit token losses, masks [1,1,0,0] and [1,1,1,1]: 6 / T = 1.5.
+  mask = jnp.array([[1., 1, 0, 0], [1, 1, 1, 1]])
+  loss = obj.safe_divide(*obj.aggregate(jnp.ones((2, 4)), mask, "seq-mean-token-sum-norm"))
+  assert float(loss) == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize("mode", obj.AGGREGATIONS)
@@ -81,10 +127,12 @@ def test_four_micro_batches_reproduce_full_batch(mode):
   loss_BxT = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
   lengths_B = np.array([6, 0, 3, 1, 5, 0, 2, 4])
   mask_BxT = jnp.asarray(np.arange(6)[None] < lengths_B[:, None], jnp.float32)
-  full = obj.safe_divide(*obj.aggregate(loss_BxT, mask_BxT, mode, 10))
+  numerator, denominator = obj.aggregate(loss_BxT, mask_BxT, mode, 10)
   parts = [obj.aggregate(loss_BxT[i:i + 2], mask_BxT[i:i + 2], mode, 10) for i in range(0, 8, 2)]
-  accumulated = sum(p[0] for p in parts) / sum(p[1] for p in parts)
-  assert abs(float(full) - float(accumulated)) < 1e-6
+  assert abs(float(sum(p[0] for p in parts)) - float(numerator)) < 1e-6
+  assert float(obj.aggregation_denominator(mask_BxT, mode, 10)) == float(denominator)
+  if mode != "seq-mean-token-sum-norm":  # Its denominator is a constant, not a sum over rows.
+    assert float(sum(p[1] for p in parts)) == float(denominator)
 
 
 def test_safe_divide_empty_is_zero_with_finite_grad():
@@ -201,10 +249,12 @@ def test_objective_loss_nsr_prerl_gradient_and_coefficient():
                              [[0, 0, 0], [g, 0, 0], [g, g, 0], [g, g, g]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("scope", oc.REGULARIZER_SCOPES)
 @pytest.mark.parametrize("mode", obj.AGGREGATIONS)
-def test_objective_loss_micro_batches_with_shared_denominators(mode):
+def test_objective_loss_micro_batches_with_shared_denominators(mode, scope):
   objective = oc.get_objective("grpo", space="both", aggregation=mode, kl_coef=0.1,
-                               entropy_coef=0.01, pretrain_sample_selection="negative")
+                               entropy_coef=0.01, pretrain_sample_selection="negative",
+                               regularizer_scope=scope)
   rng = np.random.default_rng(1)
   rewards = jnp.asarray(rng.integers(0, 2, size=8), jnp.float32)
   lengths_B = np.array([3, 5, 1, 4, 2, 5, 5, 3])
@@ -225,6 +275,8 @@ def test_objective_loss_micro_batches_with_shared_denominators(mode):
   parts = [run(slice(i, i + 2), dens) for i in range(0, 8, 2)]
   assert abs(sum(float(p[0]) for p in parts) - float(full_loss)) < 1e-6
   summed = jax.tree.map(lambda *x: sum(x), *[p[1] for p in parts])
+  assert ("regularizer/loss" in full_sums) == (scope == "conditional_all")
+  assert summed.keys() == full_sums.keys()
   for key, value in oc.finalize_metrics(summed).items():
     assert float(value) == pytest.approx(float(oc.finalize_metrics(full_sums)[key]), abs=1e-6)
 
@@ -239,3 +291,62 @@ def test_objective_loss_requires_reference_for_kl_and_jits():
   loss, _ = step(oc.get_objective("grpo", kl_coef=0.1, kl_estimator="k1"), *args,
                  ref_logp={"conditional": jnp.ones((4, 3))})
   assert float(loss) == pytest.approx(-1.1)
+
+
+# The issue's KL and entropy cases: two one-token responses of one group, rewards [0, 1] (NSR
+# keeps the first), per-token k1 KL 0.2 and 0.4, entropies 2 and 1.
+def _two_responses_loss(objective, ref_logp=True):
+  advantages = oc.advantages_for(objective, jnp.array([0., 1.]), 2)
+  logp = {s: jnp.full((2, 1), -1.0) for s in objective.spaces}
+  ref = {s: v - jnp.array([[0.2], [0.4]]) for s, v in logp.items()} if ref_logp else None
+  entropy = {s: jnp.array([[2.0], [1.0]]) for s in objective.spaces}
+  return oc.objective_loss(objective, logp, None, advantages, jnp.ones((2, 1)), ref_logp=ref,
+                           entropy=entropy)
+
+
+def _regularizer_share(name, **fields):
+  """The loss with `fields` minus the loss without: what KL and entropy add."""
+  with_fields = _two_responses_loss(oc.get_objective(name, **fields))[0]
+  return float(with_fields - _two_responses_loss(oc.get_objective(name))[0])
+
+
+@pytest.mark.parametrize("name,fields,expected", [
+    # Over all responses, outside the coefficients: 0.05 * (0.2 + 0.4) / 2, -0.01 * (2 + 1) / 2.
+    ("nsr_rl", {"kl_coef": 0.05}, 0.015),
+    ("nsr_rl", {"entropy_coef": 0.01}, -0.015),
+    ("grpo", {"kl_coef": 0.05, "space": "both"}, 0.015),
+    # Pretrain-only objectives (the DSRL warm-up) carry neither.
+    ("nsr_prerl", {"kl_coef": 0.05, "entropy_coef": 0.01}, 0.0),
+    # per_term_kept: inside each term, over its kept responses, times its coefficient.
+    ("nsr_rl", {"kl_coef": 0.05, "regularizer_scope": "per_term_kept"}, 0.010),
+    ("nsr_rl", {"entropy_coef": 0.01, "regularizer_scope": "per_term_kept"}, -0.02),
+    ("nsr_prerl", {"kl_coef": 0.05, "regularizer_scope": "per_term_kept"}, 0.01 * 0.05 * 0.2),
+])
+def test_kl_and_entropy_placement_hand_cases(name, fields, expected):
+  fields = dict(fields, kl_estimator="k1")
+  assert _regularizer_share(name, **fields) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_kl_reaches_unselected_responses_and_skips_pretrain_only():
+  objective = oc.get_objective("nsr_rl", kl_coef=0.05, kl_estimator="k1")
+  advantages = oc.advantages_for(objective, jnp.array([0., 1.]), 2)
+
+  def loss(logp_Bx1):
+    ref = {"conditional": jnp.full((2, 1), -1.3)}
+    return oc.objective_loss(objective, {"conditional": logp_Bx1}, None, advantages,
+                             jnp.ones((2, 1)), ref_logp=ref)[0]
+
+  # Row 0: pg (-A = 0.7071 per kept token, 1 token) + KL 0.05 / 2; row 1: KL only.
+  a = 0.5 / (math.sqrt(0.5) + 1e-6)
+  np.testing.assert_allclose(jax.grad(loss)(jnp.full((2, 1), -1.0))[:, 0],
+                             [a + 0.025, 0.025], rtol=1e-5)
+  pretrain_only = oc.get_objective("nsr_prerl", kl_coef=0.05)
+  assert pretrain_only.kl_spaces == () and objective.kl_spaces == ("conditional",)
+  loss_value, sums = _two_responses_loss(pretrain_only, ref_logp=False)  # No reference needed.
+  assert float(loss_value) == pytest.approx(0.01 * 0.5)
+  assert "regularizer/loss" not in sums
+
+
+def test_regularizer_scope_is_validated():
+  with pytest.raises(ValueError, match="regularizer_scope='kept'"):
+    oc.get_objective("grpo", regularizer_scope="kept")

@@ -74,6 +74,19 @@ def test_nsr_prerl_gradient_is_the_explicit_formula():
   assert float(sums["marginal/kept_frac"][0]) == 4  # The four wrong responses.
 
 
+def test_pretrain_only_objective_ignores_kl_and_entropy():
+  # The DSRL warm-up: no reference policy is needed, and the gradient is NSR-PreRL's alone.
+  graphdef, params = split()
+  batch = make_batch()
+  plain = accumulate(graphdef, params, batch, oc.get_objective("nsr_prerl"), group_size=GROUP,
+                     bos_id=BOS)
+  regularized = accumulate(graphdef, params, batch,
+                           oc.get_objective("nsr_prerl", kl_coef=0.1, entropy_coef=0.01),
+                           group_size=GROUP, bos_id=BOS)
+  assert_trees_close(regularized[0], plain[0], 0)
+  assert float(regularized[1]) == float(plain[1])
+
+
 def test_clipped_loss_with_old_equal_current_is_reinforce():
   graphdef, params = split()
   batch = make_batch()
