@@ -170,7 +170,7 @@ def _categorical(key, logits_NxV) -> tuple[jax.Array, jax.Array]:
   return token_N, jax.nn.logsumexp(block_lse_NxB, axis=-1)
 
 
-def _choose(logits_NxV, key, config: SamplingConfig):
+def choose_tokens(logits_NxV, key, config: SamplingConfig):
   """(next token, its log-prob under the convention of the module docstring)."""
   if config.greedy:
     scaled_NxV = logits_NxV
@@ -235,7 +235,7 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
 
   def emit(step, logits_NxV, carry):
     tokens_NxM, logprobs_NxM, lengths_N, done_N = carry
-    token_N, logprob_N = _choose(logits_NxV, jax.random.fold_in(key, step), config)
+    token_N, logprob_N = choose_tokens(logits_NxV, jax.random.fold_in(key, step), config)
     token_N = jnp.where(done_N, config.pad_id, token_N)
     logprob_N = jnp.where(done_N, 0.0, logprob_N)
     tokens_NxM = jax.lax.dynamic_update_slice(tokens_NxM, token_N[:, None], (0, step))

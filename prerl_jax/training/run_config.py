@@ -41,7 +41,12 @@ def _cpu_default() -> ml_collections.ConfigDict:
       on_bad_row="error",
   )
   c.rollout = dict(prompts_per_step=8, group_size=8, max_new_tokens=32, temperature=0.7,
-                   top_k=0, top_p=1.0)
+                   top_k=0, top_p=1.0,
+                   # "static": one program per prompt batch; "continuous": continuous batching
+                   # over a page pool (docs/continuous_batching.md) of kv_cache_gib GiB (0: room
+                   # for every live row at full length), live_rows decode rows.
+                   engine="static", live_rows=64, kv_cache_gib=0.0, page_size=16,
+                   chunk_steps=16)
   c.objective = dict(switch_step=6, reset_optimizer=False, reset_reference=True,
                      marginal_bos_id=-1, aggregation="token-mean")
   c.optim = dict(learning_rate=1e-5, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999,

@@ -25,6 +25,7 @@ from prerl_jax.training.checkpointing import Checkpointer
 from prerl_jax.models.export import export_hf
 from prerl_jax.models.loading import load_model
 from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
+from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
 from prerl_jax.data.task_data import load_task_data
 from prerl_jax.models.tokenizer import chat_turn_start_id
@@ -61,6 +62,20 @@ def response_width(longest: int, max_new_tokens: int, smallest: int = 32) -> int
   return min(width, max_new_tokens)
 
 
+ROLLOUT_ENGINES = ("static", "continuous")
+
+
+def rollout_sampler(model, mesh, rollout: ml_collections.ConfigDict):
+  """The sampler `rollout.engine` names: `Sampler`, or `ContinuousSampler` over a page pool."""
+  if rollout.engine not in ROLLOUT_ENGINES:
+    raise ValueError(f"rollout.engine={rollout.engine!r}: expected one of {ROLLOUT_ENGINES}")
+  if rollout.engine == "static":
+    return Sampler(model, mesh)
+  pool = PoolConfig(rows=rollout.live_rows, page_size=rollout.page_size,
+                    kv_cache_gib=rollout.kv_cache_gib or None, chunk_steps=rollout.chunk_steps)
+  return ContinuousSampler(model, pool, mesh)
+
+
 class Trainer:
   """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end."""
 
@@ -83,8 +98,8 @@ class Trainer:
     self.graphdef, self.state = init_train_state(self.model, self.optimizer,
                                                  seed=config.train.seed,
                                                  with_reference=kl_on, mesh=self.mesh)
-    self.sampler = Sampler(self.model, self.mesh)
     rollout = config.rollout
+    self.sampler = rollout_sampler(self.model, self.mesh, rollout)
     self.sampling = SamplingConfig.from_tokenizer(
         self.tokenizer, rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, n=rollout.group_size)

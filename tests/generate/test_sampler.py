@@ -12,67 +12,13 @@ from flax import nnx
 import tiny_models
 from prerl_jax import sharding
 from prerl_jax.models.loading import load_model
-from prerl_jax.models.decoder import positions_from_mask
 from prerl_jax.models.presets import smollm2_gguf_path
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, _categorical, prompt_batch
 from kernel_marks import needs_cpu_kernels
+from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _hf_greedy, _prompts, \
+    _teacher_forced_logp
 
-STOP = tiny_models.TINY_SHAPE["eos_token_id"]
-PAD = tiny_models.TINY_SHAPE["pad_token_id"]
-BUCKETS = (8, 16, 32)
 KERNELS = ["xla", pytest.param("cpu", marks=needs_cpu_kernels)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """{family: (hf_model, our model)} for the tiny random families."""
-  models = {}
-  for family in ("llama", "qwen2", "qwen3"):
-    hf_model = tiny_models.build_hf_model(family)
-    folder = tmp_path_factory.mktemp(family)
-    hf_model.save_pretrained(str(folder))
-    models[family] = (hf_model, load_model(str(folder), with_tokenizer=False)[0])
-  return models
-
-
-def _prompts(lengths, seed=0, vocab=128):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(3, vocab, length).tolist() for length in lengths]
-
-
-def _hf_greedy(hf_model, tokens, mask, max_new, stop, pad):
-  with torch.no_grad():
-    out = hf_model.generate(torch.tensor(tokens).long(), attention_mask=torch.tensor(mask).long(),
-                            do_sample=False, max_new_tokens=max_new, eos_token_id=list(stop),
-                            pad_token_id=pad)
-  response = out[:, tokens.shape[1]:].numpy()
-  return np.pad(response, ((0, 0), (0, max_new - response.shape[1])), constant_values=pad)
-
-
-def _teacher_forced_logp(model, out, temperature):
-  """log_softmax(logits / temperature) [N, M, V] at each response step of [prompt][response]."""
-  tokens = jnp.concatenate([out.prompt_tokens_NxP, out.tokens_NxM], axis=1)
-  mask = jnp.concatenate([out.prompt_mask_NxP, out.response_mask_NxM], axis=1)
-  hidden, _ = model(tokens, positions_from_mask(mask), mask)
-  logits = model.logits(hidden)[:, out.prompt_tokens_NxP.shape[1] - 1:-1] / temperature
-  return np.asarray(jax.nn.log_softmax(logits, axis=-1))
-
-
-def _gather(logp_NxMxV, tokens_NxM):
-  return np.take_along_axis(logp_NxMxV, np.asarray(tokens_NxM)[..., None], axis=-1)[..., 0]
-
-
-def _allowed(logp_NxMxV, top_k, top_p):
-  """Tokens that top-k, then top-p over the renormalized top-k distribution, may emit."""
-  order = np.argsort(-logp_NxMxV, axis=-1)
-  probs = np.exp(np.take_along_axis(logp_NxMxV, order, axis=-1))
-  if top_k:
-    probs[..., top_k:] = 0
-  probs /= probs.sum(axis=-1, keepdims=True)
-  keep = (np.cumsum(probs, axis=-1) - probs < top_p + 1e-5) & (probs > 0)
-  allowed = np.zeros(logp_NxMxV.shape, bool)
-  np.put_along_axis(allowed, order, keep, axis=-1)
-  return allowed
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

@@ -176,3 +176,23 @@ def test_evaluate_cli_reads_the_latest_checkpoint(model_dir, uninterrupted):
 def test_response_width_rounds_up_to_doublings_of_32_capped_at_max_new_tokens(longest, max_new,
                                                                                width):
   assert trainer.response_width(longest, max_new) == width
+
+
+def test_continuous_rollout_engine_trains_with_sampler_logps_of_the_trainer(model_dir, tmp_path):
+  """Two steps with `rollout.engine=continuous` on 4 live rows (the 4 samples of the second
+  prompt wait for the first's rows): the sampler's log-probs match the trainer's within 1e-4."""
+  run_dir = str(tmp_path / "continuous")
+  _run([sys.executable, TPU_RUN, "--config=configs/w_reinforce.py",
+        *run_fixtures.tiny_run_overrides(model_dir, run_dir, steps=2),
+        "--config.rollout.engine=continuous",
+        "--config.rollout.live_rows=4", "--config.rollout.page_size=4"])
+  records = [r for r in _metrics(run_dir) if "sampler/max_abs_logp_diff" in r]
+  assert len(records) == 2
+  assert max(r["sampler/max_abs_logp_diff"] for r in records) <= 1e-4
+
+
+def test_unknown_rollout_engine_is_named():
+  config = run_fixtures.make_config("w_reinforce")
+  config.rollout.engine = "paged"
+  with pytest.raises(ValueError, match="rollout.engine='paged': expected one of"):
+    trainer.rollout_sampler(None, None, config.rollout)

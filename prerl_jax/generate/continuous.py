@@ -1,0 +1,395 @@
+"""Continuous-batching sampler over a page-pool KV cache (`page_pool`).
+
+A fixed number of decode rows run a jitted chunk of up to `chunk_steps` decode steps; between
+chunks the host retires the rows whose sequence stopped, frees their pages, and admits queued
+prompts into free rows, until every sample is done. A prompt is admitted with all of its
+remaining samples: its first `length - 1` tokens are prefilled once (in chunks of at most
+`prefill_chunk` tokens) into pages that all of its samples list, and each sample then decodes
+from the prompt's last token in pages of its own. Pages are taken as rows need them; when the
+pool runs out, the most recently admitted prompt is put back at the head of the queue and its
+pages freed (it is sampled again later, with the same result).
+
+Results do not depend on scheduling: sample s of prompt i is sequence i * n + s, and its t-th
+token is drawn with `fold_in(fold_in(key, sequence), t)`, so the same key gives the same tokens
+whatever the row count, chunk size, pool size or admission order (up to float rounding of
+different batch shapes). Every scheduling decision is taken from host copies of the chunks'
+results, which are the same on every host of a multi-host run.
+
+`sample` returns the `SampleOutput` of `Sampler.sample` (the same log-prob convention); the draws
+differ from the static sampler's, which keys by step only.
+"""
+
+import bisect
+import collections
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from prerl_jax import sharding
+from prerl_jax.generate import page_pool
+from prerl_jax.generate.paged_attention import gather_attention
+from prerl_jax.generate.paged_forward import paged_forward
+from prerl_jax.generate.sampler import SampleOutput, SamplingConfig, choose_tokens
+from prerl_jax.kernels.tpu import paged_attention as tpu_attention
+from prerl_jax.models.decoder import Decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+  """Size and pace of the continuous sampler.
+
+  rows: live decode rows. pages: pool pages (the scratch page included); None sizes the pool
+  from `kv_cache_gib`, or else gives every row room for its longest sequence. chunk_steps: decode
+  steps per host round trip. prefill_chunk: most prompt tokens per prefill call.
+  """
+
+  rows: int = 64
+  page_size: int = 16
+  pages: int | None = None
+  kv_cache_gib: float | None = None
+  chunk_steps: int = 16
+  prefill_chunk: int = 512
+
+  def __post_init__(self):
+    checks = (("rows", self.rows >= 1), ("page_size", self.page_size >= 1),
+              ("pages", self.pages is None or self.pages >= 2),
+              ("kv_cache_gib", self.kv_cache_gib is None or self.kv_cache_gib > 0),
+              ("chunk_steps", self.chunk_steps >= 1), ("prefill_chunk", self.prefill_chunk >= 1))
+    for key, ok in checks:
+      if not ok:
+        raise ValueError(f"PoolConfig.{key}={getattr(self, key)!r} is out of range")
+
+  def pool_pages(self, model_config, pages_per_sequence: int) -> int:
+    if self.pages is not None:
+      return self.pages
+    if self.kv_cache_gib is not None:
+      return page_pool.pages_for_memory(model_config, self.kv_cache_gib, self.page_size)
+    return self.rows * pages_per_sequence + 1
+
+
+@struct.dataclass
+class RowState:
+  """The decode rows: the token each feeds next at `position`, how many tokens its sequence has
+  sampled (`count`) out of `limit`, its sequence id, whether it is decoding, its page table."""
+
+  token_R: jax.Array
+  position_R: jax.Array
+  count_R: jax.Array
+  limit_R: jax.Array
+  sequence_R: jax.Array
+  live_R: jax.Array
+  page_table_RxP: jax.Array
+
+
+def _prefill_program(graphdef, state, kv_pages, tokens_1xT, start, count, page_table_1xP,
+                     attention):
+  """The pool with `count` prompt tokens written from position `start`."""
+  model: Decoder = nnx.merge(graphdef, state)
+  positions_1xT = start + jnp.arange(tokens_1xT.shape[1])[None]
+  valid_1xT = jnp.arange(tokens_1xT.shape[1])[None] < count
+  _, kv_pages = paged_forward(model, kv_pages, tokens_1xT, positions_1xT, valid_1xT,
+                              page_table_1xP, attention)
+  return kv_pages
+
+
+def _decode_program(graphdef, state, kv_pages, rows: RowState, key, config: SamplingConfig,
+                    steps: int, attention):
+  """Up to `steps` decode steps of every live row; returns (pool, rows, tokens_RxK,
+  logprobs_RxK) with the tokens each row sampled in its first columns."""
+  model: Decoder = nnx.merge(graphdef, state)
+  num_rows = rows.token_R.shape[0]
+  stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+  def choose(logits_V, sequence, count):
+    token, logprob = choose_tokens(logits_V[None], jax.random.fold_in(
+        jax.random.fold_in(key, sequence), count), config)
+    return token[0], logprob[0]
+
+  def body(loop):
+    step, kv_pages, rows, tokens_RxK, logprobs_RxK = loop
+    hidden_Rx1xD, kv_pages = paged_forward(
+        model, kv_pages, rows.token_R[:, None], rows.position_R[:, None], rows.live_R[:, None],
+        rows.page_table_RxP, attention)
+    token_R, logprob_R = jax.vmap(choose)(model.logits(hidden_Rx1xD)[:, 0], rows.sequence_R,
+                                          rows.count_R)
+    live_R = rows.live_R
+    tokens_RxK = tokens_RxK.at[:, step].set(jnp.where(live_R, token_R, config.pad_id))
+    logprobs_RxK = logprobs_RxK.at[:, step].set(jnp.where(live_R, logprob_R, 0.0))
+    count_R = rows.count_R + live_R
+    stopped_R = jnp.isin(token_R, stop_ids) | (count_R >= rows.limit_R)
+    rows = rows.replace(token_R=jnp.where(live_R, token_R, rows.token_R),
+                        position_R=rows.position_R + live_R, count_R=count_R,
+                        live_R=live_R & ~stopped_R)
+    return step + 1, kv_pages, rows, tokens_RxK, logprobs_RxK
+
+  def cond(loop):
+    return (loop[0] < steps) & jnp.any(loop[2].live_R)
+
+  loop = (jnp.int32(0), kv_pages, rows, jnp.full((num_rows, steps), config.pad_id, jnp.int32),
+          jnp.zeros((num_rows, steps), jnp.float32))
+  _, kv_pages, rows, tokens_RxK, logprobs_RxK = jax.lax.while_loop(cond, body, loop)
+  return kv_pages, rows, tokens_RxK, logprobs_RxK
+
+
+def _prefill_widths(prefill_chunk: int) -> tuple[int, ...]:
+  """The token widths a prefill call is compiled for: powers of two from 16, then the chunk."""
+  widths = [w for w in (2**i for i in range(4, 31)) if w < prefill_chunk]
+  return tuple(widths) + (prefill_chunk,)
+
+
+@dataclasses.dataclass
+class _Group:
+  """A prompt and the samples of it still to be sampled."""
+  prompt: list[int]
+  sequences: list[int]
+  limit: int
+
+
+def default_attention(mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+  """The paged attention for the devices in use: the TPU kernel on TPU, else the XLA gather."""
+  devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  if devices[0].platform == "tpu":
+    return tpu_attention.ragged_attention(mesh, rules)
+  return gather_attention
+
+
+class ContinuousSampler:
+  """Samples like `Sampler.sample`, with continuous batching over a page pool (module docstring).
+
+  `attention` computes the attention over pages: `gather_attention` (XLA, any backend) or
+  `prerl_jax.kernels.tpu.paged_attention.ragged_attention(mesh)`; by default
+  `default_attention(mesh)`.
+  """
+
+  def __init__(self, model: Decoder, pool: PoolConfig = PoolConfig(), mesh: Mesh | None = None,
+               rules=sharding.DEFAULT_RULES, attention=None):
+    attention = attention or default_attention(mesh, rules)
+    self.graphdef, _ = nnx.split(model)
+    self.model_config = model.config
+    self.pool = pool
+    self.mesh, self.rules = mesh, rules
+    self._kv_pages = None
+    self._prefill = jax.jit(functools.partial(_prefill_program, self.graphdef,
+                                              attention=attention), donate_argnums=(1,))
+    self._decode = jax.jit(functools.partial(_decode_program, self.graphdef, attention=attention),
+                           static_argnums=(4, 5), donate_argnums=(1,))
+    self._copy = jax.jit(page_pool.copy_pages, donate_argnums=(0,))
+
+  def sample(self, state, prompt_tokens_BxP, prompt_mask_BxP, key, config: SamplingConfig,
+             max_new_tokens_B=None) -> SampleOutput:
+    """`config.n` samples per prompt (rows i*n .. i*n+n-1 for prompt i); `max_new_tokens_B`
+    optionally caps each prompt's responses below `config.max_new_tokens`."""
+    tokens_BxP, mask_BxP = sharding.to_host((prompt_tokens_BxP, prompt_mask_BxP))
+    mask_BxP = mask_BxP.astype(bool)
+    batch, width = tokens_BxP.shape
+    if mask_BxP.shape != (batch, width):
+      raise ValueError(f"prompt_mask_BxP has shape {mask_BxP.shape}, expected {(batch, width)} "
+                       "like prompt_tokens_BxP")
+    limits = np.full(batch, config.max_new_tokens) if max_new_tokens_B is None else np.asarray(
+        max_new_tokens_B)
+    if limits.shape != (batch,) or limits.min() < 1 or limits.max() > config.max_new_tokens:
+      raise ValueError(f"max_new_tokens_B must hold {batch} values in [1, "
+                       f"{config.max_new_tokens}] (SamplingConfig.max_new_tokens)")
+    if config.n > self.pool.rows:
+      raise ValueError(f"SamplingConfig.n={config.n} samples of a prompt do not fit in "
+                       f"PoolConfig.rows={self.pool.rows} decode rows")
+    groups = []
+    for i in range(batch):
+      prompt = tokens_BxP[i][mask_BxP[i]].tolist()
+      if not prompt:
+        raise ValueError(f"prompt {i} is empty")
+      groups.append(_Group(prompt, list(range(i * config.n, (i + 1) * config.n)), int(limits[i])))
+    run = _Run(self, state, key, config, width, groups)
+    run.until_done()
+    return run.output(tokens_BxP, mask_BxP)
+
+  def take_pool(self, pages: int, page_size: int):
+    """The pool kept since the last call (a new one when its size differs); `keep_pool` gives
+    it back."""
+    kv_pages, self._kv_pages = self._kv_pages, None
+    if kv_pages is None or kv_pages.shape != page_pool.pool_shape(self.model_config, pages,
+                                                                  page_size):
+      kv_pages = page_pool.empty_pool(self.model_config, pages, page_size, self.mesh, self.rules)
+    return kv_pages
+
+  def keep_pool(self, kv_pages):
+    self._kv_pages = kv_pages
+
+
+class _Run:
+  """The host side of one `ContinuousSampler.sample` call: queue, rows, pages, results."""
+
+  def __init__(self, sampler: ContinuousSampler, state, key, config: SamplingConfig,
+               prompt_width: int, groups: list[_Group]):
+    self.sampler, self.state, self.key, self.config = sampler, state, key, config
+    pool = sampler.pool
+    self.page_size, self.steps = pool.page_size, pool.chunk_steps
+    self.pages_per_sequence = -(-(prompt_width + config.max_new_tokens) // self.page_size)
+    pages = pool.pool_pages(sampler.model_config, self.pages_per_sequence)
+    self.allocator = page_pool.PageAllocator(pages)
+    self.kv_pages = sampler.take_pool(pages, self.page_size)
+    self.queue = collections.deque(groups)
+    rows = pool.rows
+    self.rows = dict(token_R=np.zeros(rows, np.int32), position_R=np.zeros(rows, np.int32),
+                     count_R=np.zeros(rows, np.int32), limit_R=np.ones(rows, np.int32),
+                     sequence_R=np.zeros(rows, np.int32), live_R=np.zeros(rows, bool),
+                     page_table_RxP=np.zeros((rows, self.pages_per_sequence), np.int32))
+    self.row_pages = [[] for _ in range(rows)]  # Pages each row holds, in position order.
+    self.row_group: list[_Group | None] = [None] * rows
+    self.admitted: list[_Group] = []  # Live groups, oldest first.
+    total = sum(len(g.sequences) for g in groups)
+    self.tokens = [[] for _ in range(total)]
+    self.logprobs = [[] for _ in range(total)]
+    self.widths = _prefill_widths(pool.prefill_chunk)
+
+  def until_done(self):
+    while self.queue or self.admitted:
+      self._admit()
+      if not self.admitted:
+        group = self.queue[0]
+        raise MemoryError(
+            f"the page pool ({self.allocator.pages} pages of {self.page_size} slots) cannot hold "
+            f"the {len(group.sequences)} samples of a {len(group.prompt)}-token prompt; raise "
+            "PoolConfig.pages or rollout.kv_cache_gib")
+      self._reserve_chunk_pages()
+      self._decode_chunk()
+    self.sampler.keep_pool(self.kv_pages)
+
+  def _missing_pages(self) -> dict[int, int]:
+    """{live row: how many more pages it needs to hold every position its next chunk writes}."""
+    rows, missing = self.rows, {}
+    for row, group in enumerate(self.row_group):
+      if group is not None:
+        steps = min(self.steps, rows["limit_R"][row] - rows["count_R"][row])
+        needed = -(-(rows["position_R"][row] + steps) // self.page_size)
+        missing[row] = max(needed - len(self.row_pages[row]), 0)
+    return missing
+
+  def _admit(self):
+    """Admits queued groups, in order, while their rows and first chunk's pages are free (after
+    the pages the live rows' next chunk needs)."""
+    reserved = sum(self._missing_pages().values())
+    while self.queue:
+      group = self.queue[0]
+      free_rows = [r for r in range(len(self.row_group)) if self.row_group[r] is None]
+      prefix = len(group.prompt) - 1
+      shared = prefix // self.page_size
+      own = -(-(prefix + min(self.steps, group.limit)) // self.page_size) - shared
+      if (len(free_rows) < len(group.sequences)
+          or shared + own * len(group.sequences) > self.allocator.free_pages - reserved):
+        return
+      self.queue.popleft()
+      shared_pages = self.allocator.allocate(shared)
+      self.allocator.share(shared_pages * (len(group.sequences) - 1))
+      for row, sequence in zip(free_rows, group.sequences):
+        self.row_pages[row] = shared_pages + self.allocator.allocate(own)
+        self.row_group[row] = group
+        self._set_row(row, token=group.prompt[-1], position=prefix, count=0, limit=group.limit,
+                      sequence=sequence, live=True)
+      used = free_rows[:len(group.sequences)]
+      self._prefill(group.prompt[:-1], self.rows["page_table_RxP"][used[0]])
+      if prefix % self.page_size and len(used) > 1:
+        tail = self.row_pages[used[0]][shared]
+        self.kv_pages = self.sampler._copy(
+            self.kv_pages, np.full(len(used) - 1, tail, np.int32),
+            np.asarray([self.row_pages[r][shared] for r in used[1:]], np.int32))
+      self.admitted.append(group)
+
+  def _set_row(self, row, **values):
+    for name, value in values.items():
+      self.rows[f"{name}_R"][row] = value
+    table = self.rows["page_table_RxP"]
+    table[row] = page_pool.SCRATCH_PAGE
+    table[row, :len(self.row_pages[row])] = self.row_pages[row]
+
+  def _prefill(self, prefix: list[int], page_table_P):
+    """Writes the prompt's first tokens into the pages of `page_table_P`, chunk by chunk."""
+    chunk = self.widths[-1]
+    for start in range(0, len(prefix), chunk):
+      part = prefix[start:start + chunk]
+      width = self.widths[bisect.bisect_left(self.widths, len(part))]
+      tokens = np.full((1, width), self.config.pad_id, np.int32)
+      tokens[0, :len(part)] = part
+      self.kv_pages = self.sampler._prefill(self.state, self.kv_pages, tokens, np.int32(start),
+                                            np.int32(len(part)), page_table_P[None])
+
+  def _reserve_chunk_pages(self):
+    """Gives every live row the pages its next chunk writes, putting the newest groups back in
+    the queue while the pool is short."""
+    while True:
+      missing = self._missing_pages()
+      if sum(missing.values()) <= self.allocator.free_pages:
+        break
+      if len(self.admitted) == 1:
+        group = self.admitted[0]
+        raise MemoryError(
+            f"the page pool ({self.allocator.pages} pages of {self.page_size} slots) cannot hold "
+            f"the {len(group.sequences)} samples of one {len(group.prompt)}-token prompt; raise "
+            "PoolConfig.pages or rollout.kv_cache_gib")
+      self._preempt(self.admitted[-1])
+    for row, count in missing.items():
+      if count > 0:
+        self.row_pages[row] += self.allocator.allocate(count)
+        self._set_row(row)
+
+  def _preempt(self, group: _Group):
+    """Frees a group's rows and pages and queues its unfinished samples first."""
+    self.admitted.remove(group)
+    for row in range(len(self.row_group)):
+      if self.row_group[row] is group:
+        sequence = self.rows["sequence_R"][row]
+        self.tokens[sequence], self.logprobs[sequence] = [], []
+        self._free_row(row)
+    self.queue.appendleft(group)
+
+  def _free_row(self, row: int):
+    self.release_pages(self.row_pages[row])
+    self.row_pages[row], self.row_group[row] = [], None
+    self._set_row(row, live=False)
+
+  def release_pages(self, pages) -> list[int]:
+    """Releases a row's hold on its pages; returns the pages that became free."""
+    return self.allocator.release(pages)
+
+  def _decode_chunk(self):
+    rows = RowState(**{name: jnp.asarray(value) for name, value in self.rows.items()})
+    self.kv_pages, rows, tokens_RxK, logprobs_RxK = self.sampler._decode(
+        self.state, self.kv_pages, rows, self.key, self.config, self.steps)
+    tokens_RxK, logprobs_RxK = sharding.to_host((tokens_RxK, logprobs_RxK))
+    before = self.rows["count_R"].copy()
+    self.rows.update({name: np.array(value) for name, value in
+                      sharding.to_host(
+                          {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}).items()})
+    for row in range(len(self.row_group)):
+      group = self.row_group[row]
+      if group is None:
+        continue
+      sequence, emitted = self.rows["sequence_R"][row], self.rows["count_R"][row] - before[row]
+      self.tokens[sequence] += tokens_RxK[row, :emitted].tolist()
+      self.logprobs[sequence] += logprobs_RxK[row, :emitted].tolist()
+      if not self.rows["live_R"][row]:
+        group.sequences.remove(sequence)
+        self._free_row(row)
+        if not group.sequences:
+          self.admitted.remove(group)
+
+  def output(self, tokens_BxP, mask_BxP) -> SampleOutput:
+    config, total = self.config, len(self.tokens)
+    tokens_NxM = np.full((total, config.max_new_tokens), config.pad_id, np.int32)
+    logprobs_NxM = np.zeros((total, config.max_new_tokens), np.float32)
+    lengths_N = np.array([len(t) for t in self.tokens], np.int32)
+    for sequence, (tokens, logprobs) in enumerate(zip(self.tokens, self.logprobs)):
+      tokens_NxM[sequence, :len(tokens)] = tokens
+      logprobs_NxM[sequence, :len(logprobs)] = logprobs
+    truncated_N = np.array([not tokens or tokens[-1] not in config.stop_ids
+                            for tokens in self.tokens])
+    return SampleOutput(tokens_NxM=tokens_NxM, lengths_N=lengths_N, logprobs_NxM=logprobs_NxM,
+                        truncated_N=truncated_N,
+                        prompt_tokens_NxP=np.repeat(tokens_BxP, config.n, axis=0),
+                        prompt_mask_NxP=np.repeat(mask_BxP, config.n, axis=0))
