@@ -18,6 +18,7 @@ from prerl_jax.rl import objective as objective_config, train_step
 from prerl_jax.models.loading import load_model
 from prerl_jax.models.decoder import layer_shapes
 from prerl_jax.models.tokenizer import chat_turn_start_id
+from prerl_jax.models import remat
 
 
 def step_flops(config, batch: int, context: int, response: int) -> float:
@@ -64,7 +65,7 @@ def main(argv, as_json: bool = False):
   parser.add_argument("--group_size", type=int, default=8)
   parser.add_argument("--micro_batches", type=int, default=8)
   parser.add_argument("--chunk_size", type=int, default=128)
-  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--remat", choices=remat.POLICIES, default="full")
   parser.add_argument("--repeats", type=int, default=1)
   args = parser.parse_args(argv)
 

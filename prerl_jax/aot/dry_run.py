@@ -155,7 +155,8 @@ def model_config_for(config: ml_collections.ConfigDict) -> ModelConfig:
   """The run's ModelConfig from its preset's shape (model.name), with its dtypes and remat."""
   model = config.model
   return presets.preset_model_config(model.name, param_dtype=model.param_dtype,
-                                     dtype=model.dtype, remat=model.remat)
+                                     dtype=model.dtype, remat=model.remat,
+                                     attention=model.attention)
 
 
 def _mesh(mesh_sizes: dict):
@@ -254,7 +255,7 @@ def dry_run(config: ml_collections.ConfigDict, mesh_sizes: dict, accelerator: st
     program["objective"] = objective.name
     # A forward per scored space, a backward (and a rematerialized forward) per trained space.
     spaces = {CONDITIONAL, MARGINAL} if config.train.log_both_spaces else set(objective.spaces)
-    passes = len(spaces) + len(objective.spaces) * (2 if c.remat else 1)
+    passes = len(spaces) + len(objective.spaces) * (1 if c.remat == "none" else 2)
     program["bytes_accessed"] = (program["argument_bytes"] + program["output_bytes"]
                                  + optim.micro_batches * passes * weights_compute)
     phases.append(program)
@@ -350,8 +351,8 @@ def advice(report: dict, accel: Accelerator) -> list[str]:
     line = (f"train step ({phase['objective']}) needs {phase['peak_bytes'] / GIB:.1f} GiB per "
             f"device, {phase['temp_bytes'] / GIB:.1f} GiB of it temporaries: ")
     knobs = []
-    if not report["model"]["remat"]:
-      knobs.append("model.remat=True (rematerialize decoder layers)")
+    if report["model"]["remat"] == "none":
+      knobs.append("model.remat=full (rematerialize decoder layers)")
     micro_batches = micro_batches_to_fit(report, phase, hbm)
     if micro_batches:
       knobs.append(f"optim.micro_batches of at least {micro_batches} (now "

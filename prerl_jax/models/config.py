@@ -5,6 +5,8 @@ import json
 
 import jax.numpy as jnp
 
+from prerl_jax.models import attention, remat
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -32,7 +34,8 @@ class ModelConfig:
   max_position_embeddings: int = 2048
   param_dtype: str = "float32"
   dtype: str = "float32"  # Compute dtype; bfloat16 on GPU/TPU.
-  remat: bool = False  # Rematerialize each decoder layer in the backward pass.
+  remat: str = "none"  # What the backward pass recomputes per layer: prerl_jax.models.remat.
+  attention: str = "auto"  # Full-sequence attention backend: prerl_jax.models.attention.
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -41,6 +44,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
+    remat.check_policy(self.remat)
+    attention.check_backend(self.attention)
     rope_type = self.rope_scaling_dict.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
       raise ValueError(f"Unsupported rope_scaling type {rope_type!r}; supported: "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prerl_jax.models import rope
+from prerl_jax.models import attention, remat, rope
 from prerl_jax.models.config import ModelConfig
 
 # Logical axes of every parameter; the model is built from this table and sharding reads it.
@@ -95,19 +95,6 @@ class LayerOps(NamedTuple):
   norm: Callable = rms_norm  # norm(x, weight, eps)
 
 
-def attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, allowed_BxTxS):
-  """Grouped-query attention with a boolean mask; scores and softmax in float32."""
-  batch, length, num_heads, head_dim = q_BxTxNxH.shape
-  num_kv = k_BxKxHxS.shape[1]
-  q = q_BxTxNxH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-  scores = jnp.einsum("btkgh,bkhs->bkgts", q, k_BxKxHxS, preferred_element_type=jnp.float32)
-  scores = jnp.where(allowed_BxTxS[:, None, None], scores * head_dim**-0.5,
-                     jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
-  return out.reshape(batch, length, num_heads, head_dim)
-
-
 def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend,
                   ops: LayerOps = LayerOps()):
   """One pre-norm decoder layer on one layer's weights `w` (in the compute dtype).
@@ -162,15 +149,16 @@ class Decoder(nnx.Module):
     if not config.tie_word_embeddings:
       self.lm_head = param("lm_head", (config.hidden_size, config.vocab_size), ("embed", "vocab"))
 
-  def __call__(self, tokens_BxT, positions_BxT, key_mask_BxT, return_kv: bool = False):
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, return_kv: bool = False):
     """Runs the decoder over a batch of token sequences (causal attention, layers under scan).
 
     Args:
       tokens_BxT: token ids.
-      positions_BxT: rotary positions of the tokens (explicit, so left padding and a restarted
-        `[BOS] + response` layout both work).
-      key_mask_BxT: which tokens may be attended to; a token attends to the valid tokens at or
-        before it.
+      positions_BxT: rotary positions of the tokens (explicit, so left padding, a restarted
+        `[BOS] + response` layout and packed rows all work).
+      segment_ids_BxT: int32 segment of each token; a token attends to the tokens at or before
+        it in the same segment, and 0 is padding, which no real token sees. A boolean key mask
+        (left padding) is the one-segment case: True is segment 1, False padding.
       return_kv: also return every layer's keys [layers, B, kv_heads, head_dim, T] and values
         [layers, B, kv_heads, T, head_dim] (the sampler's prefill).
 
@@ -178,23 +166,22 @@ class Decoder(nnx.Module):
       (hidden_BxTxD after the final norm, (keys, values) or None).
     """
     config = self.config
-    slots = jnp.arange(tokens_BxT.shape[1])
-    allowed_BxTxT = key_mask_BxT[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
+    segment_ids_BxT = jnp.asarray(segment_ids_BxT).astype(jnp.int32)
     x = self.embed_tokens(tokens_BxT)
     rotation = rope.rotation(positions_BxT, rope.inverse_frequencies(config))
 
     def attend(q, k_BxTxKxH, v_BxTxKxH):
-      k, v = k_BxTxKxH.transpose(0, 2, 3, 1), v_BxTxKxH.transpose(0, 2, 1, 3)  # CACHE_AXES
-      return attention(q, k, v, allowed_BxTxT), ((k, v) if return_kv else None)
+      attended = attention.attend(q, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, config.attention)
+      if not return_kv:
+        return attended, None
+      return attended, (k_BxTxKxH.transpose(0, 2, 3, 1), v_BxTxKxH.transpose(0, 2, 1, 3))
 
     def layer(x, weights):
       w = jax.tree.map(lambda p: p.astype(config.compute_dtype), weights)
       return decoder_layer(config, x, w, rotation, attend)
 
-    if config.remat:
-      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
     weights = {name: p[...] for name, p in self.layers.items()}
-    x, kv = jax.lax.scan(layer, x, weights)
+    x, kv = jax.lax.scan(remat.remat_layer(layer, config.remat), x, weights)
     return self.normalize_output(x), kv
 
   def embed_tokens(self, tokens_BxT) -> jnp.ndarray:

@@ -22,7 +22,7 @@ def _cpu_default() -> ml_collections.ConfigDict:
   """SmolLM2-135M on a generated arithmetic task, sized for a 2-core CPU in under 20 minutes."""
   c = ml_collections.ConfigDict()
   c.model = dict(name="smollm2-135m", path="", param_dtype="float32", dtype="float32",
-                 remat=False)
+                 remat="none", attention="auto")  # prerl_jax.models.remat / .attention
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.data = dict(
       source="reasoning_gym",  # reasoning_gym | files
@@ -65,7 +65,7 @@ def _paper(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.name = "qwen3-4b"
   c.model.param_dtype = "float32"
   c.model.dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat = "full"
   c.data.source = "files"
   c.data.train_files = ("../shared/data/math_train.parquet",)
   c.data.eval_files = ("../shared/data/aime_2024_20times.parquet",

@@ -89,7 +89,8 @@ class Trainer:
     model_cfg = config.model
     self.model, self.tokenizer = load_model(
         model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,
-        param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+        param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
+        attention=model_cfg.attention)
     self.data = load_task_data(config.data, config.reward, REPO_ROOT)
     self.schedule = run_config.schedule_of(config)
     self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,

@@ -62,14 +62,14 @@ def test_flops_count_every_scan_iteration_xla_counts_one():
 def test_paper_scale_advice_names_the_knobs():
   report = {"rows": 1024, "batch_devices": 8, "micro_batches": 16, "prompt_width": 1024,
                  "max_new_tokens": 8192, "mesh": {"tensor": 1},
-                 "model": {"remat": False, "num_heads": 32},
+                 "model": {"remat": "none", "num_heads": 32},
                  "bytes": {"params": 1, "opt_state": 2, "reference": 0, "kv_cache": 0},
                  "sampler": {"resident_bytes": 0},
                  "train_steps": [{"objective": "grpo", "peak_bytes": 300 * 2**30,
                                   "temp_bytes": 290 * 2**30}]}
   (note,) = dry_run.advice(report, dry_run.ACCELERATORS["v5p"])
   # 16 * 290 / (95 - 10) = 54.6 -> the next micro-batch count leaving 8-row multiples: 64.
-  assert "model.remat=True" in note and "optim.micro_batches of at least 64" in note
+  assert "model.remat=full" in note and "optim.micro_batches of at least 64" in note
   assert "attention scores take 81.0 GiB" in note  # 8 rows x 32 heads x 9215^2 x 4 bytes.
 
 

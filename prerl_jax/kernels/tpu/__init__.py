@@ -1,1 +1,1 @@
-"""Pallas TPU kernels, and their wrappers with the signatures of the generic XLA code."""
+"""Pallas TPU kernels (Mosaic), and their wrappers with the signatures of the generic XLA code."""

@@ -1,0 +1,1 @@
+"""GPU kernels: cuDNN fused attention for the full-sequence forward and backward."""
