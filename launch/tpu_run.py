@@ -5,13 +5,14 @@ as `--jax_platforms=cpu|cuda|tpu` are honoured. Multi-host: run the same command
 jax.distributed is initialised from --coordinator_address/--num_processes/--process_id, from the
 environment, or automatically on TPU pods.
 
-`--dry_run --mesh=fsdp=8,tensor=1 [--accelerator=v5p|v5e|h100|h200]` trains nothing: it compiles
-the run's programs for that mesh on simulated CPU devices and prints predicted memory and step
-time per device (prerl_jax/dry_run.py).
+`--dry_run --target=v5p-16 [--mesh=fsdp=8,tensor=1] [--json]` trains nothing and reads no weights
+or data: it compiles the run's programs for a slice or host by product name (v5p-16, v5p-32,
+v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64: libtpu's compiler on the real topology;
+h100x8, h200x8: simulated CPU devices) and prints memory, fit and projected step time per chip
+(prerl_jax/aot/dry_run.py).
 """
 
 import json
-import math
 import re
 import os
 import sys
@@ -19,19 +20,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _simulate_dry_run_devices(argv):
-  """A --dry_run needs one CPU device per mesh device, which must be set before jax loads."""
+def _prepare_dry_run(argv):
+  """A --dry_run compiles on this host's CPU (TPU targets through libtpu's topology, without a
+  TPU); a simulated target needs one CPU device per chip, which must be set before jax loads."""
   if "--dry_run" not in argv:
     return
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), "fsdp=8")
-  sizes = [item.partition("=")[2] for item in spec.split(",") if item]
-  count = math.prod(int(size) for size in sizes if size.isdigit())
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                             f"--xla_force_host_platform_device_count={count}").strip()
+  target = next((a.split("=", 1)[1] for a in argv if a.startswith("--target=")), "")
+  chips = re.fullmatch(r"h\d+x(\d+)", target)  # h100x8, h200x8
+  if chips:
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f"--xla_force_host_platform_device_count={chips.group(1)}").strip()
 
 
-_simulate_dry_run_devices(sys.argv)
+_prepare_dry_run(sys.argv)
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -47,10 +49,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _JSON = flags.DEFINE_bool("json", False, "Print the final summary as JSON.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile for --mesh and predict memory and step "
                              "time instead of training.")
-_MESH = flags.DEFINE_string("mesh", "fsdp=8", "Dry-run mesh, e.g. fsdp=8,tensor=1 (write it as "
-                            "--mesh=...).")
-_ACCELERATOR = flags.DEFINE_string("accelerator", "v5p",
-                                   "Dry-run accelerator peaks: v5p, v5e, h100 or h200.")
+_TARGET = flags.DEFINE_string("target", "v5p-16", "Dry-run target by product name: v5p-16, "
+                              "v5p-32, v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64, h100x8, "
+                              "h200x8.")
+_MESH = flags.DEFINE_string("mesh", None, "Dry-run mesh over the target's chips, e.g. "
+                            "fsdp=4,tensor=2 (default: all chips on fsdp).")
 flags.mark_flag_as_required("config")
 
 
@@ -97,7 +100,7 @@ def main(argv):
   if _DRY_RUN.value:
     from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
     try:
-      print(dry_run.report_text(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _JSON.value))
+      print(dry_run.report_text(_CONFIG.value, _TARGET.value, _MESH.value, _JSON.value))
     except ValueError as error:
       sys.exit(f"tpu_run.py: {error}")
     return

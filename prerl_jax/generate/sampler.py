@@ -194,6 +194,17 @@ def choose_tokens(logits_NxV, key, config: SamplingConfig):
   return token_N, chosen_N - logsumexp_N
 
 
+def decode_segments(max_new_tokens: int) -> list[tuple[int, int]]:
+  """(first_step, end_step) of each decode while_loop; each writes its own cache block.
+
+  Decode step t >= 1 feeds the token sampled at t - 1 (step 0 samples from the prefill's logits).
+  The steps are split into segments so early steps attend over fewer slots.
+  """
+  segments = max(1, min(MAX_DECODE_SEGMENTS, max_new_tokens // SEGMENT_MIN_STEPS))
+  bounds = np.linspace(1, max_new_tokens, segments + 1).round().astype(int)
+  return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
                     config: SamplingConfig, mesh, rules, kernels):
   """Prefill, then decode until every row has stopped or `max_new_tokens` are sampled."""
@@ -278,14 +289,9 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
     return token_N, [blocks + [(k, v, all_filled)]
                      for blocks, (k, v) in zip(earlier_blocks, block)], outputs
 
-  # Decode step t >= 1 feeds the token sampled at t - 1. The steps are split into segments, each a
-  # while_loop writing its own cache block, so early steps attend over fewer slots.
-  segments = max(1, min(MAX_DECODE_SEGMENTS, max_new // SEGMENT_MIN_STEPS))
-  bounds = np.linspace(1, max_new, segments + 1).round().astype(int)
   cache = [[block] for block in prompt_blocks]
-  for first_step, end_step in zip(bounds[:-1], bounds[1:]):
-    if end_step > first_step:
-      token_N, cache, outputs = decode(int(first_step), int(end_step), token_N, cache, outputs)
+  for first_step, end_step in decode_segments(max_new):
+    token_N, cache, outputs = decode(first_step, end_step, token_N, cache, outputs)
   tokens_NxM, logprobs_NxM, lengths_N, done_N = outputs
   return SampleOutput(tokens_NxM=tokens_NxM, lengths_N=lengths_N, logprobs_NxM=logprobs_NxM,
                       truncated_N=~done_N, prompt_tokens_NxP=repeat(prompt_tokens_BxP),
@@ -365,6 +371,16 @@ class Sampler:
                        "devices of the batch mesh axes")
     return self._program(state, jnp.asarray(prompt_tokens_BxP, jnp.int32),
                          jnp.asarray(prompt_mask_BxP, bool), key, config)
+
+  def trace(self, state, prompt_tokens_BxP, prompt_mask_BxP, key,
+            config: SamplingConfig) -> jax.stages.Traced:
+    """The sampling program `sample` runs, traced for these inputs without running it.
+
+    The inputs may be abstract (`jax.ShapeDtypeStruct`s, with shardings under a mesh), so a dry
+    run compiles the program ahead of time: `.lower().compile()`; `.jaxpr` is its jaxpr. Its
+    decode while_loops are `decode_segments(config.max_new_tokens)`, in order.
+    """
+    return self._program.trace(state, prompt_tokens_BxP, prompt_mask_BxP, key, config)
 
   def num_compiled(self) -> int:
     """How many sampling programs have been compiled so far."""

@@ -1,21 +1,28 @@
-"""Dry run: exact per-device state bytes, loop-aware FLOPs, and a prediction the real step keeps."""
+"""Dry run: libtpu compiles a tiny step for a real v5p topology; exact per-chip bytes; loop FLOPs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prerl_jax.aot import dry_run
-from prerl_jax.training import run_config
 from prerl_jax import sharding
-from prerl_jax.rl import train_step
-from prerl_jax.models.loading import random_model
+from prerl_jax.aot import dry_run, report as report_lib, targets
+from prerl_jax.generate import sampler as sampler_lib
 from prerl_jax.models.config import ModelConfig
+from prerl_jax.models.loading import random_model
+from prerl_jax.rl import train_step
 from prerl_jax.rl.objective import get_objective
+from prerl_jax.training import run_config
 
 TINY = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16)
-MESH = {"fsdp": 4, "tensor": 2}
+MESH = {"fsdp": 2, "tensor": 2}
+# fsdp=2 splits `embed`, tensor=2 splits vocab, heads, kv heads and mlp; norms are replicated.
+PARAM_ELEMENTS = (128 * 64 // 4 * 2  # embed and lm_head
+                  + 64 + 2 * 2 * 64  # final, attention and mlp norms
+                  + 2 * (64 // 2) * (4 // 2) * 16 * 2  # wq, wo
+                  + 2 * (64 // 2) * (2 // 2) * 16 * 2  # wk, wv
+                  + 2 * (64 // 2) * (96 // 2) * 3)  # w_gate, w_up, w_down
 
 
 def tiny_config():
@@ -26,68 +33,105 @@ def tiny_config():
 
 
 @pytest.fixture(scope="module")
-def report():
-  return dry_run.dry_run(tiny_config(), MESH, "v5e", model_config=TINY)
+def tpu_report():
+  pytest.importorskip("libtpu", reason="the TPU dry run needs libtpu: pip install -e .[tpu-aot]")
+  return dry_run.dry_run(tiny_config(), "v5p-8", MESH, model_config=TINY)
 
 
-def test_state_bytes_per_device_match_the_sharding(report):
-  # fsdp=4 splits `embed`, tensor=2 splits vocab, heads, kv heads and mlp; norms are replicated.
-  elements = (128 * 64 // 8 * 2  # embed and lm_head
-              + 64 + 2 * 2 * 64  # final, attention and mlp norms
-              + 2 * (64 // 4) * (4 // 2) * 16 * 2  # wq, wo
-              + 2 * (64 // 4) * (2 // 2) * 16 * 2  # wk, wv
-              + 2 * (64 // 4) * (96 // 2) * 3)  # w_gate, w_up, w_down
-  assert report["bytes"]["params"] == elements * 4 == 40192
-  assert report["bytes"]["opt_state"] == 2 * 40192 + 4  # Adam moments and the int32 count.
-  # k and v of 2 layers: the prompt block (8 prompts / 4 x 1 kv head x 64 slots x 16) and the
-  # generated block (32 rows / 4 x 1 kv head x (16 - 1) slots x 16), float32.
-  assert report["bytes"]["kv_cache"] == 2 * 2 * (2 * 64 + 8 * 15) * 16 * 4
-  assert report["sampler"]["peak_bytes"] >= report["bytes"]["kv_cache"]
-  assert sum(report["train_steps"][0]["collectives"].values()) > 0
-  assert "DOES NOT FIT" not in dry_run.format_report(report)
+def test_libtpu_compiles_the_step_for_a_v5p_topology(tpu_report):
+  assert (tpu_report["target"], tpu_report["compiler"], tpu_report["chips"]) == ("v5p-8", "tpu", 4)
+  assert [p["name"] for p in tpu_report["programs"]] == ["sampler", "train:grpo"]
+  b = tpu_report["bytes_per_chip"]
+  assert b["params"] == PARAM_ELEMENTS * 4 == 79104
+  assert b["opt_state"] == 2 * 79104 + 4  # Adam moments and the int32 count.
+  # k and v of 2 layers: the prompt block (8 prompts / 2 x 1 kv head x 64 slots x 16) and the
+  # generated block (32 rows / 2 x 1 kv head x (16 - 1) slots x 16), float32.
+  assert b["kv_cache"] == 2 * 2 * (4 * 64 + 16 * 15) * 16 * 4
+  sampler, train = tpu_report["programs"]
+  assert sampler["resident_bytes"] == b["opt_state"]
+  assert sampler["peak_bytes_per_chip"] >= b["params"] + b["kv_cache"] + b["opt_state"]
+  assert train["argument_bytes"] >= b["params"] + b["opt_state"]
+  assert train["hbm_bytes_per_chip"] == targets.TARGETS["v5p-8"].hbm_bytes
+  assert tpu_report["fits"] and not tpu_report["advice"]
+  assert tpu_report["projected_step_s"] == pytest.approx(
+      sampler["projected_s"] + train["projected_s"])
+  assert sum(train["collectives"].values()) > 0
+  assert "[simulated]" not in report_lib.format_report(tpu_report)
 
 
-def test_flops_count_every_scan_iteration_xla_counts_one():
+def test_a_simulated_target_says_so_in_every_line(tpu_report):
+  text = report_lib.format_report({**tpu_report, "compiler": "simulated"})
+  assert all(line.startswith("[simulated] ") for line in text.splitlines())
+
+
+def test_targets_count_chips_not_cores():
+  assert {name: t.chips for name, t in targets.TARGETS.items() if name.startswith("v5p")} == {
+      "v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v5p-64": 32, "v5p-128": 64}
+  assert targets.TARGETS["v6e-16"].chips == 16 and targets.TARGETS["h100x8"].chips == 8
+  with pytest.raises(ValueError, match="--target='v5p-12' is unknown"):
+    targets.get_target("v5p-12")
+
+
+def test_flops_count_every_loop_iteration_xla_counts_one():
   def scanned(x_MxK, w_KxN):
     return jax.lax.scan(lambda c, _: (c, c @ w_KxN), x_MxK, None, length=5)[1]
 
-  traced = jax.jit(scanned).trace(jax.ShapeDtypeStruct((8, 16), jnp.float32),
-                                  jax.ShapeDtypeStruct((16, 32), jnp.float32))
-  one_iteration = 2 * 8 * 16 * 32
-  assert dry_run.matmul_flops(traced.jaxpr.jaxpr) == 5 * one_iteration
+  def looped(x_MxK, w_KxN):
+    return jax.lax.while_loop(lambda c: c[0] < 7, lambda c: (c[0] + 1, c[1] @ w_KxN),
+                              (0, x_MxK))[1]
+
+  args = (jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 16), jnp.float32))
+  one_iteration = 2 * 8 * 16 * 16
+  scan = jax.jit(scanned).trace(*args)
+  assert dry_run.matmul_flops(scan.jaxpr.jaxpr) == 5 * one_iteration
   # XLA's count: one iteration's matmul plus the loop counter's two scalar ops.
-  assert traced.lower().compile().cost_analysis()["flops"] == one_iteration + 2
+  assert scan.lower().compile().cost_analysis()["flops"] == one_iteration + 2
+  loop = jax.jit(looped).trace(*args).jaxpr.jaxpr
+  assert dry_run.matmul_flops(loop, while_trips=(7,)) == 7 * one_iteration
+  with pytest.raises(ValueError, match="without a trip count"):
+    dry_run.matmul_flops(loop)
+
+
+def test_decode_segments_cover_every_decode_step():
+  for max_new in (1, 2, 63, 64, 200, 8192):
+    segments = sampler_lib.decode_segments(max_new)
+    steps = [t for first, end in segments for t in range(first, end)]
+    assert steps == list(range(1, max_new))
+  assert len(sampler_lib.decode_segments(8192)) == sampler_lib.MAX_DECODE_SEGMENTS
 
 
 def test_paper_scale_advice_names_the_knobs():
   report = {"rows": 1024, "batch_devices": 8, "micro_batches": 16, "prompt_width": 1024,
-                 "max_new_tokens": 8192, "mesh": {"tensor": 1},
-                 "model": {"remat": "none", "num_heads": 32},
-                 "bytes": {"params": 1, "opt_state": 2, "reference": 0, "kv_cache": 0},
-                 "sampler": {"resident_bytes": 0},
-                 "train_steps": [{"objective": "grpo", "peak_bytes": 300 * 2**30,
-                                  "temp_bytes": 290 * 2**30}]}
-  (note,) = dry_run.advice(report, dry_run.ACCELERATORS["v5p"])
+            "max_new_tokens": 8192, "mesh": {"tensor": 1}, "chip": "TPU v5p",
+            "peaks": {"hbm_bytes": 95 * 2**30},
+            "model": {"remat": "none", "num_heads": 32},
+            "bytes_per_chip": {"params": 1, "opt_state": 2, "reference": 0, "kv_cache": 0},
+            "programs": [{"name": "train:grpo", "stage": "update", "fits": False,
+                          "peak_bytes_per_chip": 300 * 2**30, "temp_bytes": 290 * 2**30,
+                          "hbm_bytes_per_chip": 95 * 2**30}]}
+  (note,) = report_lib.advice(report)
   # 16 * 290 / (95 - 10) = 54.6 -> the next micro-batch count leaving 8-row multiples: 64.
   assert "model.remat=full" in note and "optim.micro_batches of at least 64" in note
   assert "attention scores take 81.0 GiB" in note  # 8 rows x 32 heads x 9215^2 x 4 bytes.
 
 
-def test_real_train_step_stays_within_the_prediction(report):
-  """Runs the tiny step for real on the same mesh and compares with the dry run.
+def test_real_train_step_matches_the_simulated_prediction():
+  """Runs the tiny step for real on the simulated mesh the h100x8 target compiles for.
 
   Device temporaries are not observable on CPU, so the comparison is (a) the executable compiled
   from the real, concretely sharded state and batch has the memory analysis the dry run predicted
   (the prediction is of the program that actually runs), and (b) after running, the arrays
   resident on each device are exactly the predicted state bytes and never exceed the peak.
   """
-  config = tiny_config()
-  mesh = sharding.make_mesh(**{"data": 1, **MESH})
+  config, mesh_sizes = tiny_config(), {"fsdp": 4, "tensor": 2}
+  report = dry_run.dry_run(config, "h100x8", mesh_sizes, model_config=TINY)
+  assert report["compiler"] == "simulated"
+  mesh = sharding.make_mesh(**mesh_sizes)
   optimizer = train_step.make_optimizer(config.optim.learning_rate)
   graphdef, state = train_step.init_train_state(random_model(TINY, mesh=mesh), optimizer,
                                                 mesh=mesh)
-  assert dry_run.per_device_bytes(state.params) == report["bytes"]["params"]
-  assert dry_run.per_device_bytes(state.opt_state) == report["bytes"]["opt_state"]
+  assert dry_run.per_device_bytes(state.params) == report["bytes_per_chip"]["params"]
+  assert dry_run.per_device_bytes(state.opt_state) == report["bytes_per_chip"]["opt_state"]
   rows, rng = 32, np.random.default_rng(0)
   batch = sharding.shard_batch(train_step.rollout_batch(
       rng.integers(3, 128, (rows, 64)), rng.integers(1, 64, rows),
@@ -96,15 +140,15 @@ def test_real_train_step_stays_within_the_prediction(report):
   step = train_step.make_train_step(graphdef, get_objective("grpo"), optimizer, group_size=4,
                                     micro_batches=config.optim.micro_batches, bos_id=0,
                                     mesh=mesh, state=state)
-  compiled = step.lower(state, batch).compile(dry_run.FAST_COMPILE)
+  compiled = step.lower(state, batch).compile(dry_run.FAST_CPU_COMPILE)
   memory = compiled.memory_analysis()
-  predicted = report["train_steps"][0]
+  predicted = report["programs"][1]
   assert memory.temp_size_in_bytes == predicted["temp_bytes"] > 0
   assert memory.argument_size_in_bytes == predicted["argument_bytes"]
 
   new_state, metrics = compiled(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   resident = dry_run.per_device_bytes((new_state.params, new_state.opt_state))
-  assert resident == report["bytes"]["params"] + report["bytes"]["opt_state"]
+  assert resident == report["bytes_per_chip"]["params"] + report["bytes_per_chip"]["opt_state"]
   left = dry_run.per_device_bytes((new_state.params, new_state.opt_state, metrics, batch))
-  assert left <= predicted["peak_bytes"]
+  assert left <= predicted["peak_bytes_per_chip"]

@@ -1,0 +1,106 @@
+"""A dry-run report in words: which knob makes a program fit, and the human summary."""
+
+import math
+
+GIB = 2**30
+
+
+def attention_scores_bytes(report: dict) -> float:
+  """Bytes per chip of one layer's [rows, heads, T, T] float32 scores in one micro-batch."""
+  mesh, model = report["mesh"], report["model"]
+  rows = report["rows"] / report["micro_batches"] / report["batch_devices"]
+  heads = model["num_heads"] / (mesh["tensor"] if model["num_heads"] % mesh["tensor"] == 0 else 1)
+  length = report["prompt_width"] + report["max_new_tokens"] - 1
+  return max(rows, 1) * heads * length**2 * 4
+
+
+def micro_batches_to_fit(report: dict, program: dict) -> int | None:
+  """A lower bound on the micro-batches whose temporaries fit the chip, or None if none can.
+
+  Temporaries shrink at most in proportion to the rows of a micro-batch (attention and other
+  per-row buffers do; per-layer weights do not), so the proportional estimate is optimistic.
+  Micro-batches must split the rows evenly over the batch devices.
+  """
+  hbm = program["hbm_bytes_per_chip"]
+  fixed = program["peak_bytes_per_chip"] - program["temp_bytes"]
+  if fixed >= hbm:
+    return None
+  needed = math.ceil(report["micro_batches"] * program["temp_bytes"] / (hbm - fixed))
+  rows, batch_devices = report["rows"], report["batch_devices"]
+  return next((m for m in range(max(needed, 1), rows + 1)
+               if rows % m == 0 and (rows // m) % batch_devices == 0), None)
+
+
+def advice(report: dict) -> list[str]:
+  """Which knobs would make each program fit the chip's HBM (empty when everything fits)."""
+  hbm = report["peaks"]["hbm_bytes"]
+  b = report["bytes_per_chip"]
+  state = b["params"] + b["opt_state"] + b["reference"]
+  notes = []
+  if state > hbm:
+    notes.append(f"parameters + optimizer state alone ({state / GIB:.1f} GiB) exceed the "
+                 f"{hbm / GIB:.1f} GiB of a {report['chip']}: shard over more fsdp chips, or keep "
+                 "them in bfloat16 (model.param_dtype=bfloat16 halves params and Adam moments)")
+  for program in report["programs"]:
+    if program["fits"]:
+      continue
+    head = (f"{program['name']} needs {program['peak_bytes_per_chip'] / GIB:.1f} GiB per chip "
+            f"({program['temp_bytes'] / GIB:.1f} GiB temporaries): ")
+    if program["stage"] == "sample":
+      notes.append(head + (
+          f"its KV cache is {b['kv_cache'] / GIB:.1f} GiB for {report['rows']} rows x "
+          f"{report['prompt_width'] + report['max_new_tokens'] - 1} slots: spread the rows "
+          "over more data/fsdp chips, split kv heads over tensor, or sample fewer rows per call "
+          "(rollout.prompts_per_step, rollout.group_size) or fewer rollout.max_new_tokens"))
+      continue
+    knobs = []
+    if report["model"]["remat"] == "none":
+      knobs.append("model.remat=full (rematerialize decoder layers)")
+    needed = micro_batches_to_fit(report, program)
+    if needed:
+      knobs.append(f"optim.micro_batches of at least {needed} (now {report['micro_batches']}; "
+                   "a lower bound, as temporaries shrink at most in proportion to rows)")
+    knobs.append("more fsdp chips")
+    notes.append(head + ", or ".join(knobs) + f" (one layer's float32 attention scores take "
+                 f"{attention_scores_bytes(report) / GIB:.1f} GiB per chip; past one row per "
+                 "chip only a fused attention kernel or shorter sequences shrink them)")
+  return notes
+
+
+def _gib(x: float) -> str:
+  return f"{x / GIB:.2f}"
+
+
+def format_report(report: dict) -> str:
+  """A short human summary; every line of a simulated (GPU) target says it is simulated."""
+  b, m, peaks = report["bytes_per_chip"], report["model"], report["peaks"]
+  where = (f"libtpu compiler, {report['chips']} x {report['chip']}"
+           if report["compiler"] == "tpu" else
+           f"SIMULATED on {report['chips']} XLA:CPU devices, not the {report['chip']} compiler")
+  lines = [
+      f"dry run {report['target']} ({where}): {m['num_layers']} layers, hidden "
+      f"{m['hidden_size']}, params {m['param_dtype']}, compute {m['dtype']}, remat={m['remat']};"
+      f" mesh {report['mesh']}; {report['rows']} rows, prompt {report['prompt_width']}, new "
+      f"tokens {report['max_new_tokens']}, micro-batches {report['micro_batches']}",
+      f"per chip (GiB): params {_gib(b['params'])}, optimizer state {_gib(b['opt_state'])}, "
+      f"reference {_gib(b['reference'])}, gradients (f32) {_gib(b['gradients'])}, KV cache "
+      f"{_gib(b['kv_cache'])}; HBM {_gib(peaks['hbm_bytes'])}",
+      "program              peak GiB  temp GiB  fits (headroom GiB)  TFLOP/chip  projected s"
+      "  collectives (AR/AG/RS/A2A/CP)",
+  ]
+  for p in report["programs"]:
+    counts = "/".join(str(p["collectives"][op]) for op in p["collectives"])
+    fits = f"{'yes' if p['fits'] else 'NO'} ({p['headroom_bytes'] / GIB:+.1f})"
+    lines.append(f"{p['name']:<20} {_gib(p['peak_bytes_per_chip']):>8}  "
+                 f"{_gib(p['temp_bytes']):>8}  {fits:<19}  {p['flops_per_chip'] / 1e12:>10.1f}"
+                 f"  {p['projected_s']:>8.1f} {p['bound'][:3]}  {counts}")
+  lines.append(
+      f"projected step {report['projected_step_s']:.1f} s = sample "
+      f"{report['projected_sample_s']:.1f} s + update {report['projected_update_s']:.1f} s "
+      f"({peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, {peaks['hbm_bandwidth'] / 1e9:.0f} GB/s; no "
+      f"communication; early stopping: {report['early_stopping']})")
+  lines.append(f"fits: {'yes' if report['fits'] else 'NO'}")
+  lines += [f"does not fit: {note}" for note in report["advice"]]
+  if report["compiler"] != "tpu":
+    lines = [f"[simulated] {line}" for line in lines]
+  return "\n".join(lines)
