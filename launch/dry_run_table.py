@@ -1,93 +1,105 @@
-"""Writes docs/dry_run_table.md: dry runs of the paper-scale DSRL config for Qwen3-4B and -8B.
+"""Writes docs/dry_run_table.md: dry runs of the paper-scale DSRL config per model and target.
 
-`python launch/dry_run_table.py [--devices=8,16,64] [--models=qwen3-4b,qwen3-8b]`: one compile
-per (model, device count) on simulated CPU devices (mesh fsdp=N), projected on every accelerator.
+`python launch/dry_run_table.py [--targets=v5p-16,v5p-32,v5p-64,v6e-16,h100x8]
+[--models=qwen3-4b,qwen3-8b] [--cache_dir=DIR]`: one dry run (prerl_jax/aot/dry_run.py) per
+(model, target), all chips on fsdp. Each report is kept as DIR/<model>_<target>.json, so a rerun
+only compiles the missing cells.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+GIB = 2**30
 
 NOTES = (
-    "Reading it: memory is per device from XLA's memory analysis of the compiled programs (the "
-    "CPU backend's buffer assignment, a stand-in for a TPU / GPU one that was not checked against "
-    "one here); the sampler peak includes the optimizer state that stays resident while sampling. "
-    "Times are per training step with no communication modelled: the train step is compute-bound "
-    "at every size here (matmul FLOPs counted through every loop, attention over the full "
-    "9216-token window, rematerialized forwards included), and the decode is projected as 8191 "
-    "steps each reading the per-device weights and the whole KV cache (an upper bound). "
-    "\"micro-batches needed\" is a lower bound (temporaries shrink at most in proportion to "
-    "rows; \"none\": even one row per device is too much by that bound); the 64-device rows, at "
-    "one row per device per micro-batch, show how optimistic it is. One layer's unfused float32 "
-    "attention scores are 8 rows x 32 heads x 9215^2 x 4 bytes = 81 GiB per device on 8 "
-    "devices with 16 micro-batches, so a fused attention kernel, not the mesh, is what makes "
-    "8k-token training fit.",
-)
+    "Reading it: memory is per chip. TPU rows come from libtpu's compiler for the real topology "
+    "(its memory analysis; a program it refuses for lack of HBM shows the arguments plus the "
+    "temporaries it asked for, marked `>=`, a lower bound). The h100x8 rows are SIMULATED: "
+    "XLA:CPU's buffer assignment on 8 CPU devices, not the GPU compiler's. The sampler's peak "
+    "includes the optimizer state that stays resident while sampling. Times: per program "
+    "max(FLOPs / bf16 peak, modelled HBM bytes / bandwidth), no communication; FLOPs counted "
+    "through every loop iteration (the compiler's cost analysis counts each loop body once); "
+    "every one of the 8191 decode steps runs (no early stopping: with 1024 rows one response "
+    "reaching the cap is the common case) and the update is at the full 8192-token width. "
+    "\"knob\" is the first advice of the dry run for the program that misses by most.")
 
 
 def _args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--devices", default="8,16,64", help="Comma-separated fsdp sizes.")
-  parser.add_argument("--models", default="qwen3-4b,qwen3-8b", help="Comma-separated presets.")
+  parser.add_argument("--targets", default="v5p-16,v5p-32,v5p-64,v6e-16,h100x8")
+  parser.add_argument("--models", default="qwen3-4b,qwen3-8b")
+  parser.add_argument("--cache_dir", default=os.path.join(ROOT, "runs", "dry_run_table"))
   parser.add_argument("--output", default=os.path.join(ROOT, "docs", "dry_run_table.md"))
   return parser.parse_args()
 
 
-def _row(model, devices, report, accel_key, dry_run):
-  """One markdown table row of a report projected on one accelerator."""
-  accel = dry_run.ACCELERATORS[accel_key]
-  p = dry_run.project(report, accel)
-  gib = lambda x: f"{x / dry_run.GIB:.1f}"
-  b = report["bytes"]
-  train = max(report["train_steps"], key=lambda t: t["peak_bytes"])
-  fits = p["sampler_fits"] and all(t["fits"] for t in p["train"])
-  needed = dry_run.micro_batches_to_fit(report, train, accel.hbm_bytes)
-  micro = ("-" if train["peak_bytes"] <= accel.hbm_bytes
-           else str(needed) if needed else "none")
-  return (f"| {model} | {devices} | {accel.name} | {gib(b['params'] + b['opt_state'])} | "
-          f"{gib(b['kv_cache'])} | {gib(report['sampler']['resident_bytes'])} | "
-          f"{gib(train['peak_bytes'])} | {gib(accel.hbm_bytes)} | {'yes' if fits else 'no'} | "
-          f"{micro} | {p['sampler_seconds']:.0f} | "
-          f"{max(t['seconds'] for t in p['train']):.0f} | {p['step_seconds']:.0f} |")
+def _gib(program: dict) -> str:
+  lower = "" if program["collectives"] is not None else ">="
+  return f"{lower}{program['peak_bytes_per_chip'] / GIB:.1f}"
+
+
+def _row(model: str, report: dict) -> str:
+  """One markdown table row of a dry-run report."""
+  b = report["bytes_per_chip"]
+  programs = report["programs"]
+  sampler = next(p for p in programs if p["stage"] == "sample")
+  train = max((p for p in programs if p["stage"] == "update"),
+              key=lambda p: p["peak_bytes_per_chip"])
+  worst = max(programs, key=lambda p: p["peak_bytes_per_chip"])
+  knob = next((a for a in report["advice"] if a.startswith(worst["name"])), "")
+  knob = knob.split(": ", 1)[1].split(" (", 1)[0].split(", or ")[0] if knob else "-"
+  compiler = "libtpu" if report["compiler"] == "tpu" else "SIMULATED (XLA:CPU)"
+  return (f"| {model} | {report['target']} ({report['chips']} chips) | {compiler} | "
+          f"{(b['params'] + b['opt_state']) / GIB:.1f} | {b['kv_cache'] / GIB:.1f} | "
+          f"{_gib(sampler)} | {_gib(train)} | {report['peaks']['hbm_bytes'] / GIB:.1f} | "
+          f"{'yes' if report['fits'] else 'no'} | {knob} | {report['projected_sample_s']:.0f} | "
+          f"{report['projected_update_s']:.0f} | {report['projected_step_s']:.0f} |")
 
 
 def main():
   args = _args()
-  device_counts = [int(n) for n in args.devices.split(",")]
+  targets = args.targets.split(",")
+  simulated = max((int(t.split("x")[1]) for t in targets if t.startswith("h")), default=1)
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(device_counts)}"
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={simulated}"
   from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
   from prerl_jax.training import run_config  # pylint: disable=import-outside-toplevel
 
+  os.makedirs(args.cache_dir, exist_ok=True)
   rows, timings = [], []
   for model in args.models.split(","):
-    for devices in device_counts:
-      start = time.perf_counter()
-      report = dry_run.dry_run(run_config.make_config("dsrl", f"paper,model={model}"),
-                               {"fsdp": devices})
-      timings.append(f"{model} on {devices}: {time.perf_counter() - start:.0f} s")
+    for target in targets:
+      path = os.path.join(args.cache_dir, f"{model}_{target}.json")
+      if not os.path.exists(path):
+        start = time.perf_counter()
+        report = dry_run.dry_run(run_config.make_config("dsrl", f"paper,model={model}"), target)
+        report["dry_run_s"] = time.perf_counter() - start
+        with open(path, "w") as f:
+          json.dump(report, f, indent=1)
+      with open(path) as f:
+        report = json.load(f)
+      timings.append(f"{model} on {target}: {report['dry_run_s']:.0f} s")
       print(timings[-1], flush=True)
-      rows += [_row(model, devices, report, key, dry_run) for key in dry_run.ACCELERATORS]
+      rows.append(_row(model, report))
   header = [
-      "| model | devices | accelerator | params + Adam GiB/dev | KV cache GiB/dev | "
-      "sampler peak GiB/dev | train peak GiB/dev | HBM GiB | fits | micro-batches needed (at "
-      "least) | sampler s | train s | step s |",
+      "| model | target | compiler | params + Adam GiB/chip | KV cache GiB/chip | sampler peak "
+      "GiB/chip | train peak GiB/chip | HBM GiB | fits | knob | sample s | update s | step s |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  command = f"python launch/dry_run_table.py --devices={args.devices} --models={args.models}"
+  command = f"python launch/dry_run_table.py --targets={args.targets} --models={args.models}"
   text = "\n".join([
       "Paper-scale DSRL (`configs/dsrl.py:paper`: 128 prompts x 8 responses, prompt bucket 1024,"
       " 8192 new tokens, float32 params and Adam, bfloat16 compute, remat, 16 micro-batches),"
-      " mesh `fsdp=N`, compiled ahead of time on simulated CPU devices. Generated by",
-      "", f"    {command}", "",
-      "(one cell: `python launch/tpu_run.py --config=configs/dsrl.py:paper,model=qwen3-8b "
-      "--dry_run --mesh=fsdp=64 --accelerator=h100`). Compile times on a 2-core CPU: "
-      + "; ".join(timings) + ".", "",
-      *header, *rows, "", *NOTES])
+      " all chips on fsdp, compiled ahead of time on a CPU host without accelerators. Generated"
+      " by", "", f"    {command}", "",
+      "(one cell, as JSON: `python launch/tpu_run.py --config=configs/dsrl.py:paper,"
+      "model=qwen3-8b --dry_run --target=v5p-64 --json`). Dry-run times on a shared 2-core CPU: "
+      + "; ".join(timings) + ".", "", *header, *rows, "", NOTES, ""])
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
   with open(args.output, "w") as f:
     f.write(text)

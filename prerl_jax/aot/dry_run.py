@@ -30,6 +30,7 @@ trainer's width when one response is truncated): an upper bound for batches that
 import dataclasses
 import json
 import math
+import re
 import time
 
 import jax
@@ -62,7 +63,7 @@ class Program:
   """One program a training step runs: its traced form and what the projection needs of it.
 
   stage: "sample" or "update" (a step runs every sample program and one update program, its
-    phase's). while_trips: iterations of each while_loop of the program, in trace order.
+    phase's). arguments: its abstract inputs (a key array counts as none). while_trips: iterations of each while_loop of the program, in trace order.
   hbm_bytes_moved: modelled HBM traffic of one run (module docstring).
   resident_bytes: train state held in HBM beside the program's arguments while it runs.
   """
@@ -70,6 +71,7 @@ class Program:
   name: str
   stage: str
   traced: jax.stages.Traced
+  arguments: tuple  # The abstract inputs it was traced for.
   hbm_bytes_moved: float
   while_trips: tuple[int, ...] = ()
   resident_bytes: int = 0
@@ -131,18 +133,50 @@ def _subjaxprs(params):
         yield item
 
 
+def _out_of_memory_temporaries(error: Exception) -> float | None:
+  """The temporaries a compiler's out-of-memory error names, in bytes (None: another error).
+
+  libtpu refuses a program that does not fit: "... memory required for HLO temporaries
+  (151.03G) exceeds available HBM (95.74G)" (G: GiB).
+  """
+  found = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT]?)\)", str(error), re.S)
+  if not found:
+    return None
+  return float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
+
+
 def compile_program(program: Program, target: targets_lib.Target) -> dict:
-  """Compiles a program for the target; its memory, FLOPs, collectives and projected seconds."""
+  """Compiles a program for the target; its memory, FLOPs, collectives and projected seconds.
+
+  A program the compiler refuses for lack of memory is reported as not fitting, its peak
+  the arguments plus the temporaries the compiler asked for (a lower bound: outputs unknown).
+  """
   start = time.perf_counter()
   options = FAST_CPU_COMPILE if target.compiler == "simulated" else None
-  compiled = program.traced.lower().compile(options)
+  arguments = per_device_bytes(program.arguments)
+  try:
+    compiled = program.traced.lower().compile(options)
+  except jax.errors.JaxRuntimeError as error:
+    temporaries = _out_of_memory_temporaries(error)
+    if temporaries is None:
+      raise
+    compiled, status = None, "refused: out of memory"
+    memory = {"argument_bytes": arguments, "output_bytes": 0, "alias_bytes": 0,
+              "temp_bytes": int(temporaries), "code_bytes": 0}
+    cost, collectives = {}, None
+  else:
+    status = "compiled"
+    stats = compiled.memory_analysis()
+    memory = {"argument_bytes": stats.argument_size_in_bytes,
+              "output_bytes": stats.output_size_in_bytes,
+              "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
+              "code_bytes": stats.generated_code_size_in_bytes}
+    cost = compiled.cost_analysis() or {}
+    text = compiled.as_text()
+    collectives = {op: text.count(f" {op}(") + text.count(f" {op}-start(") for op in COLLECTIVES}
   seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
-  text = compiled.as_text()
-  compiler_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-                   + memory.generated_code_size_in_bytes)
+  compiler_peak = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+                   + memory["temp_bytes"] + memory["code_bytes"])
   peak = compiler_peak + program.resident_bytes
   flops = matmul_flops(program.traced.jaxpr.jaxpr, program.while_trips) / target.chips
   compute_s = flops / target.bf16_flops
@@ -150,17 +184,14 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
   return {
       "name": program.name,
       "stage": program.stage,
+      "compiler_status": status,
       "peak_bytes_per_chip": peak,
       "hbm_bytes_per_chip": target.hbm_bytes,
-      "fits": peak <= target.hbm_bytes,
+      "fits": compiled is not None and peak <= target.hbm_bytes,
       "headroom_bytes": target.hbm_bytes - peak,
       "compiler_peak_bytes": compiler_peak,
       "resident_bytes": program.resident_bytes,
-      "argument_bytes": memory.argument_size_in_bytes,
-      "output_bytes": memory.output_size_in_bytes,
-      "alias_bytes": memory.alias_size_in_bytes,
-      "temp_bytes": memory.temp_size_in_bytes,
-      "code_bytes": memory.generated_code_size_in_bytes,
+      **memory,
       "flops_per_chip": flops,
       "hbm_bytes_moved_per_chip": program.hbm_bytes_moved,
       "projected_s": max(compute_s, memory_s),
@@ -168,8 +199,7 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
       "compiler_cost_loop_bodies_once": {
           key: float(cost[key]) for key in ("flops", "bytes accessed", "optimal_seconds")
           if key in cost},
-      "collectives": {op: text.count(f" {op}(") + text.count(f" {op}-start(")
-                      for op in COLLECTIVES},
+      "collectives": collectives,
       "compile_s": seconds,
   }
 
@@ -284,8 +314,8 @@ def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> l
                                  sharding=sharding.batch_sharding(mesh, 2))
   key = jax.ShapeDtypeStruct(shapes.state.rng.shape, shapes.state.rng.dtype,
                              sharding=sharding.replicated(mesh))
-  traced = sampler.trace(shapes.state.params, prompts, prompts.update(dtype=jnp.bool_), key,
-                         sampling)
+  arguments = (shapes.state.params, prompts, prompts.update(dtype=jnp.bool_))
+  traced = sampler.trace(*arguments, key, sampling)
   # Each decode step reads the compute-dtype weights and the blocks it attends over: the prompt
   # block, the blocks of earlier segments and its own segment's whole block.
   segments = sampler_lib.decode_segments(rollout.max_new_tokens)
@@ -297,7 +327,7 @@ def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> l
     attended += block(shapes.rows, end - first)
     moved += (end - first) * (weights + attended)
   resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
-  return [Program("sampler", "sample", traced, moved,
+  return [Program("sampler", "sample", traced, arguments, moved,
                   while_trips=tuple(end - first for first, end in segments),
                   resident_bytes=resident)]
 
@@ -321,8 +351,9 @@ def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> lis
     spaces = {CONDITIONAL, MARGINAL} if config.train.log_both_spaces else set(objective.spaces)
     passes = len(spaces) + len(objective.spaces) * (1 if shapes.model.remat == "none" else 2)
     moved = 2 * state_bytes + per_device_bytes(batch) + optim.micro_batches * passes * weights
+    arguments = ((state.params, state.opt_state, state.reference), batch)
     programs.append(Program(f"train:{objective.name}", "update", step.trace(state, batch),
-                            moved))
+                            arguments, moved))
   return programs
 
 

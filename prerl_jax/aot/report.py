@@ -89,7 +89,8 @@ def format_report(report: dict) -> str:
       "  collectives (AR/AG/RS/A2A/CP)",
   ]
   for p in report["programs"]:
-    counts = "/".join(str(p["collectives"][op]) for op in p["collectives"])
+    counts = ("/".join(str(count) for count in p["collectives"].values()) if p["collectives"]
+              else "none: the compiler refused it, out of memory (peak: a lower bound)")
     fits = f"{'yes' if p['fits'] else 'NO'} ({p['headroom_bytes'] / GIB:+.1f})"
     lines.append(f"{p['name']:<20} {_gib(p['peak_bytes_per_chip']):>8}  "
                  f"{_gib(p['temp_bytes']):>8}  {fits:<19}  {p['flops_per_chip'] / 1e12:>10.1f}"

@@ -26,6 +26,7 @@ PRESETS = {
         Preset("llama-3.2-1b", "llama"),
         Preset("qwen2.5-math-1.5b", "qwen2"),
         Preset("qwen2.5-7b", "qwen2"),
+        Preset("qwen3-1.7b", "qwen3"),
         Preset("qwen3-4b", "qwen3"),
         Preset("qwen3-8b", "qwen3"),
     )
@@ -57,6 +58,11 @@ HF_CONFIGS = {
         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         max_position_embeddings=131072),
+    "qwen3-1.7b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=40960),
     "qwen3-4b": dict(
         model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
         num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
