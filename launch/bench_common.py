@@ -20,6 +20,13 @@ def time_call(fn, *args, repeats: int = 3, warmup: int = 1) -> float:
   return best
 
 
+def time_first_and_best(fn, first, then, repeats: int = 1) -> tuple[float, float]:
+  """(seconds of fn(first), compilation included; best seconds of fn(then) after it)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(first))
+  return time.perf_counter() - start, time_call(fn, then, repeats=repeats, warmup=0)
+
+
 def matmul_peak_flops(size: int = 2048, dtype=jnp.float32) -> float:
   """Achieved FLOP/s of a jitted square matmul on the default device: the run's compute peak."""
   a = jnp.ones((size, size), dtype)

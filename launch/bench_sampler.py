@@ -98,12 +98,9 @@ def main(argv, as_json: bool):
   tokens, mask = prompt_batch(prompts, config)
   sampler = Sampler(model, kernels=args.kernels)
   state = nnx.state(model)
-  start = time.perf_counter()
-  jax.block_until_ready(sampler.sample(state, tokens, mask, jax.random.key(0), config))
-  compile_and_first_s = time.perf_counter() - start
-  ours_s = bench_common.time_call(
-      lambda key: sampler.sample(state, tokens, mask, key, config), jax.random.key(1),
-      repeats=1, warmup=0)
+  compile_and_first_s, ours_s = bench_common.time_first_and_best(
+      lambda key: sampler.sample(state, tokens, mask, key, config), jax.random.key(0),
+      jax.random.key(1))
   rows = len(prompts) * args.n
   generated = rows * args.new_tokens
   results = {"rows": rows, "new_tokens": args.new_tokens, "prompt_bucket": tokens.shape[1],

@@ -80,12 +80,9 @@ def sampler_check(size: dict, bandwidth: float) -> dict:
   sampling = SamplingConfig(max_new_tokens=size["new_tokens"], pad_id=0, stop_ids=(),
                             n=size["n"], prompt_buckets=(size["prompt_len"],))
   sampler, state = Sampler(model, kernels="xla"), nnx.state(model)
-  start = time.perf_counter()
-  jax.block_until_ready(sampler.sample(state, tokens, mask, jax.random.key(0), sampling))
-  first_s = time.perf_counter() - start
-  seconds = bench_common.time_call(
-      lambda key: sampler.sample(state, tokens, mask, key, sampling), jax.random.key(1),
-      repeats=2, warmup=0)
+  first_s, seconds = bench_common.time_first_and_best(
+      lambda key: sampler.sample(state, tokens, mask, key, sampling), jax.random.key(0),
+      jax.random.key(1), repeats=2)
   rows = size["prompts"] * size["n"]
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   context = size["prompt_len"] + size["new_tokens"] / 2
