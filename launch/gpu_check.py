@@ -99,7 +99,7 @@ def sampler_check(size: dict, bandwidth: float) -> dict:
 
 def train_check(size: dict, flops_peak: float) -> dict:
   """Seconds and MFU of one GRPO train step on random tokens (the second of two)."""
-  config = model_config(size["model"], param_dtype="float32", dtype="bfloat16", remat=True)
+  config = model_config(size["model"], param_dtype="float32", dtype="bfloat16", remat="full")
   optimizer = train_step.make_optimizer()
   graphdef, state = train_step.init_train_state(random_model(config), optimizer)
   batch = bench_train.random_batch(config.vocab_size, size["train_batch"],
@@ -117,7 +117,7 @@ def train_check(size: dict, flops_peak: float) -> dict:
 
 def rl_step_check(size: dict) -> dict:
   """Time split (sample, score, update) of the second of two RL steps on random prompts."""
-  config = model_config(size["model"], param_dtype="float32", dtype="bfloat16", remat=True)
+  config = model_config(size["model"], param_dtype="float32", dtype="bfloat16", remat="full")
   model = random_model(config)
   optimizer = train_step.make_optimizer()
   sampler = Sampler(model, kernels="xla")
