@@ -346,7 +346,7 @@ def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> lis
     step = train_step.make_train_step(
         shapes.graphdef, objective, shapes.optimizer, group_size=rollout.group_size,
         micro_batches=optim.micro_batches, bos_id=bos_id, temperature=rollout.temperature,
-        other_space_metrics=config.train.log_both_spaces, mesh=mesh, state=state)
+        other_space_metrics=bool(config.train.log_both_spaces), mesh=mesh, state=state)
     # A forward per scored space, a backward (and a rematerialized forward) per trained space.
     spaces = {CONDITIONAL, MARGINAL} if config.train.log_both_spaces else set(objective.spaces)
     passes = len(spaces) + len(objective.spaces) * (1 if shapes.model.remat == "none" else 2)

@@ -55,7 +55,11 @@ def _cpu_default() -> ml_collections.ConfigDict:
   c.eval = dict(every=0, samples_per_problem=4, temperature=0.7, max_new_tokens=32,
                 prompts_per_call=16, at_start=True, at_end=True)
   c.train = dict(steps=12, seed=0, checkpoint_every=4, keep_checkpoints=2, run_dir="runs/{name}",
-                 export_hf=False, log_samples=2, log_both_spaces=True,
+                 export_hf=False, log_samples=2,
+                 # Steps 1, 1 + N, 1 + 2N, ... also score the space the objective does not
+                 # train in (its entropy; the sampler comparison in marginal phases): one more
+                 # forward pass on those steps. 0: never.
+                 log_both_spaces=5,
                  compilation_cache=True)  # XLA programs kept under $PRERL_JAX_CACHE/xla
   return c
 

@@ -116,15 +116,14 @@ class Trainer:
   def _encode(self, problem):
     return prompts.encode_prompt(self.tokenizer, problem.messages, self.data.prompt_config)
 
-  def _train_step_for(self, objective):
-    if objective not in self._steps:
-      self._steps[objective] = make_train_step(
+  def _train_step_for(self, objective, both_spaces: bool):
+    if (objective, both_spaces) not in self._steps:
+      self._steps[objective, both_spaces] = make_train_step(
           self.graphdef, objective, self.optimizer, group_size=self.config.rollout.group_size,
           micro_batches=self.config.optim.micro_batches, bos_id=self.bos_id,
-          temperature=self.config.rollout.temperature,
-          other_space_metrics=self.config.train.log_both_spaces, mesh=self.mesh,
-          state=self.state)
-    return self._steps[objective]
+          temperature=self.config.rollout.temperature, other_space_metrics=both_spaces,
+          mesh=self.mesh, state=self.state)
+    return self._steps[objective, both_spaces]
 
   def _decode(self, tokens_NxM, lengths_N) -> list[str]:
     return [self.tokenizer.decode(row[:length], skip_special_tokens=True)
@@ -254,7 +253,10 @@ class Trainer:
       self.state = enter_phase(self.state, phase, self.optimizer)
     train_batch, host, texts = self._rollout(batch, step)
     start = time.perf_counter()
-    self.state, metrics = self._train_step_for(phase.objective)(self.state, train_batch)
+    every = self.config.train.log_both_spaces
+    both_spaces = every > 0 and (step - 1) % every == 0
+    self.state, metrics = self._train_step_for(phase.objective, both_spaces)(self.state,
+                                                                            train_batch)
     metrics = sharding.to_host(metrics)
     host["time/update"] = time.perf_counter() - start
     host["time/step"] = host["time/sample"] + host["time/score"] + host["time/update"]

@@ -96,6 +96,7 @@ def test_checkpoint_interrupted_while_written_is_never_loaded(uninterrupted, tmp
 
 def test_non_finite_update_is_skipped_counted_and_logged(model_dir, tmp_path):
   config = run_fixtures.tiny_config("w_reinforce", model_dir, str(tmp_path), steps=3)
+  config.train.log_both_spaces = 2  # The marginal space is also scored on steps 1 and 3.
   run = trainer.Trainer(config)
   scorer = run.data.scorer
   calls = []
@@ -116,6 +117,7 @@ def test_non_finite_update_is_skipped_counted_and_logged(model_dir, tmp_path):
   assert [r["update_skipped"] for r in records] == [0.0, 1.0, 0.0]
   assert records[-1]["skipped_updates"] == 1 and summary["skipped_updates"] == 1
   assert all(np.isfinite(r["grad_norm"]) for r in (records[0], records[2]))
+  assert ["marginal/entropy" in r for r in records] == [True, False, True]
 
 
 def test_mistyped_config_key_fails_at_start_naming_it(model_dir, tmp_path):
