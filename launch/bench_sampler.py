@@ -1,5 +1,8 @@
 """Sampler benchmark: SmolLM2-135M, 8 prompts x 8 samples, 256 new tokens; ours vs transformers.
 
+Both sides are warmed up, then timed in turn (ours, transformers, ours, ...; --repeats runs
+each); the medians, every run's time and the 1-minute load average around it are reported.
+
 Also reports the roofline of one decode step, max(weight bytes / memory bandwidth, FLOPs / matmul
 peak), with bandwidth and peak measured in the same run (launch/bench_common.py), and the time of
 one decode step's weight matmuls alone at the decode batch (`_decode_matmuls_s`): what XLA's
@@ -8,6 +11,8 @@ sampler's products run in the packed-weight kernel instead, so it can beat this 
 """
 
 import argparse
+import os
+import statistics
 import time
 
 import jax
@@ -86,27 +91,60 @@ def main(argv, as_json: bool):
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--skip-transformers", action="store_true")
+  parser.add_argument("--repeats", type=int, default=2,
+                      help="timed runs per side after a warm-up, interleaved; medians reported")
   parser.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                       help="the sampler's decode code (prerl_jax/sampler.py)")
   args = parser.parse_args(argv)
 
   model, tokenizer = load_model("smollm2-135m")
   prompts = _prompts(tokenizer, args.prompt_length)[:args.prompts]
+  rows = len(prompts) * args.n
   # No stop ids: every row generates all new tokens, as transformers does with min_new_tokens.
   config = SamplingConfig(max_new_tokens=args.new_tokens, pad_id=tokenizer.pad_token_id,
                           stop_ids=(), temperature=args.temperature, n=args.n)
   tokens, mask = prompt_batch(prompts, config)
   sampler = Sampler(model, kernels=args.kernels)
   state = nnx.state(model)
-  compile_and_first_s, ours_s = bench_common.time_first_and_best(
-      lambda key: sampler.sample(state, tokens, mask, key, config), jax.random.key(0),
-      jax.random.key(1))
-  rows = len(prompts) * args.n
+  start = time.perf_counter()
+  jax.block_until_ready(sampler.sample(state, tokens, mask, jax.random.key(0), config))
+  compile_and_first_s = time.perf_counter() - start
+  sides = {"ours": lambda repeat: jax.block_until_ready(
+      sampler.sample(state, tokens, mask, jax.random.key(repeat + 1), config))}
+  if not args.skip_transformers:
+    folder, name = presets.smollm2_gguf_path().rsplit("/", 1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                           dtype=torch.float32).eval()
+    hf_inputs = dict(input_ids=torch.tensor(tokens).long(),
+                     attention_mask=torch.tensor(mask).long(), do_sample=True,
+                     temperature=args.temperature, top_k=0, top_p=1.0,
+                     num_return_sequences=args.n, pad_token_id=tokenizer.pad_token_id)
+
+    def hf_generate(new_tokens):
+      with torch.no_grad():
+        out = hf.generate(**hf_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+      assert out.shape == (rows, tokens.shape[1] + new_tokens), out.shape
+
+    hf_generate(2)  # Warm-up.
+    sides["transformers"] = lambda _: hf_generate(args.new_tokens)
+  runs = {side: [] for side in sides}
+  for repeat in range(args.repeats):  # Interleaved: ours, transformers, ours, ...
+    for side, generate in sides.items():
+      before = os.getloadavg()[0]
+      start = time.perf_counter()
+      generate(repeat)
+      runs[side].append({"s": time.perf_counter() - start, "load_before": before,
+                         "load_after": os.getloadavg()[0]})
+  ours_s = statistics.median(r["s"] for r in runs["ours"])
   generated = rows * args.new_tokens
   results = {"rows": rows, "new_tokens": args.new_tokens, "prompt_bucket": tokens.shape[1],
-             "kernels": sampler.kernels,
+             "kernels": sampler.kernels, "runs": runs,
              "ours_s": ours_s, "ours_tokens_per_s": generated / ours_s,
              "ours_first_call_s": compile_and_first_s}
+  if "transformers" in runs:
+    hf_s = statistics.median(r["s"] for r in runs["transformers"])
+    results.update(transformers_s=hf_s, transformers_tokens_per_s=generated / hf_s,
+                   speedup_vs_transformers=hf_s / ours_s)
 
   flops_peak = bench_common.matmul_peak_flops()
   bandwidth = bench_common.memory_bandwidth()
@@ -121,22 +159,6 @@ def main(argv, as_json: bool):
                  fraction_of_roofline=generated / ours_s / (rows / step_s),
                  **{f"roofline_{k}": v for k, v in roofline.items()})
 
-  if not args.skip_transformers:
-    folder, name = presets.smollm2_gguf_path().rsplit("/", 1)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                           dtype=torch.float32).eval()
-    hf_inputs = dict(input_ids=torch.tensor(tokens).long(),
-                     attention_mask=torch.tensor(mask).long(), do_sample=True,
-                     temperature=args.temperature, top_k=0, top_p=1.0,
-                     num_return_sequences=args.n, max_new_tokens=args.new_tokens,
-                     min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
-      start = time.perf_counter()
-      out = hf.generate(**hf_inputs)
-      hf_s = time.perf_counter() - start
-    assert out.shape == (rows, tokens.shape[1] + args.new_tokens), out.shape
-    results.update(transformers_s=hf_s, transformers_tokens_per_s=generated / hf_s,
-                   speedup_vs_transformers=hf_s / ours_s)
   results["peak_rss_bytes"] = bench_common.peak_rss_bytes()
 
   lines = [
@@ -156,5 +178,6 @@ def main(argv, as_json: bool):
   if "transformers_s" in results:
     lines.append(f"  transformers: {results['transformers_tokens_per_s']:8.1f} tokens/s "
                  f"({results['transformers_s']:.2f} s); ours is "
-                 f"{results['speedup_vs_transformers']:.2f}x")
+                 f"{results['speedup_vs_transformers']:.2f}x (medians of {args.repeats} "
+                 "interleaved runs each)")
   bench_common.report(results, as_json, lines)
