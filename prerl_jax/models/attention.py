@@ -69,12 +69,18 @@ def resolve(name: str, length: int, dtype) -> str:
     return name
   platform = jax.default_backend()
   if platform == "tpu":
-    chosen = "splash"
+    # Splash runs under shard_map over the mesh in context; without one it cannot be
+    # partitioned over several chips.
+    without_mesh = jax.sharding.get_abstract_mesh().empty and jax.device_count() > 1
+    chosen = "chunked" if without_mesh else "splash"
   elif platform == "gpu":
     chosen = "cudnn"
   else:
     chosen = "chunked" if length >= CPU_CHUNKED_FROM else "xla"
-  log_once(f"model.attention=auto: {chosen} on {platform} (T={length}, {jnp.dtype(dtype).name})")
+  note = " (splash needs the mesh in context: jax.set_mesh)" if platform == "tpu" and (
+      chosen == "chunked") else ""
+  log_once(f"model.attention=auto: {chosen} on {platform} (T={length}, "
+           f"{jnp.dtype(dtype).name}){note}")
   return chosen
 
 

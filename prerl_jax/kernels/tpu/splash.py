@@ -54,6 +54,9 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   def local(q, k, v, segments):
     return _local_attention(q, k, v, segments, interpret)
 
+  if mesh.empty and not interpret and jax.device_count() > 1:
+    raise ValueError("model.attention=splash on several TPU chips needs the mesh in context: "
+                     "trace under jax.set_mesh(mesh)")
   if mesh.empty:
     return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
   batch = sharding.logical_to_spec(("batch",), segment_ids_BxT.shape[:1], mesh)[0]
