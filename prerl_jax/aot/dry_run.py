@@ -221,12 +221,17 @@ def _batch(rows: int, prompt_len: int, response_len: int, mesh) -> dict:
           for k, (shape, dtype) in shapes.items()}
 
 
-def model_config_for(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The run's ModelConfig from its preset's shape (model.name), with its dtypes and remat."""
+def model_config_for(config: ml_collections.ConfigDict,
+                     target: targets_lib.Target | None = None) -> ModelConfig:
+  """The run's ModelConfig from its preset's shape (model.name), with its dtypes, remat and
+  attention backend; `auto` becomes what the target's chips would pick (splash on a TPU
+  topology; chunked on simulated GPU devices, which cannot compile cuDNN's kernel)."""
   model = config.model
+  backend = model.attention
+  if backend == "auto" and target is not None:
+    backend = "splash" if target.compiler == "tpu" else "chunked"
   return presets.preset_model_config(model.name, param_dtype=model.param_dtype,
-                                     dtype=model.dtype, remat=model.remat,
-                                     attention=model.attention)
+                                     dtype=model.dtype, remat=model.remat, attention=backend)
 
 
 def make_target_mesh(target: targets_lib.Target, mesh_sizes: dict | None):
@@ -370,10 +375,11 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
   (sharding.parse_mesh); default all chips on fsdp. model_config: default the preset's shape.
   """
   target = targets_lib.get_target(target)
-  model_config = model_config or model_config_for(config)
+  model_config = model_config or model_config_for(config, target)
   mesh = make_target_mesh(target, mesh_sizes)
-  shapes = step_shapes(config, mesh, model_config)
-  programs = [compile_program(p, target) for p in step_programs(config, shapes)]
+  with jax.set_mesh(mesh):  # Splash attention runs under shard_map over the mesh in context.
+    shapes = step_shapes(config, mesh, model_config)
+    programs = [compile_program(p, target) for p in step_programs(config, shapes)]
   sample_s = sum(p["projected_s"] for p in programs if p["stage"] == "sample")
   update_s = max(p["projected_s"] for p in programs if p["stage"] == "update")
   report = {
