@@ -159,30 +159,40 @@ def main():
   results = {"size": args.size, "model": size["model"], "device": device.device_kind,
              "platform": device.platform, "peaks_from": source, "bf16_flops_peak": flops_peak,
              "hbm_bandwidth": bandwidth}
-  for name, check in (("sampler", lambda: sampler_check(size, bandwidth)),
-                      ("train_step", lambda: train_check(size, flops_peak)),
-                      ("rl_step", lambda: rl_step_check(size))):
+  header = (f"gpu check ({args.size}: {size['model']}, random weights) on {device.platform} "
+            f"{device.device_kind}; peaks ({source}) {flops_peak / 1e12:.0f} TFLOP/s bf16, "
+            f"{bandwidth / 1e9:.0f} GB/s")
+  if not args.json:
+    print(header, flush=True)
+  for name, check, describe in (("sampler", lambda: sampler_check(size, bandwidth), _sampler_line),
+                                ("train_step", lambda: train_check(size, flops_peak), _train_line),
+                                ("rl_step", lambda: rl_step_check(size), _rl_line)):
     start = time.perf_counter()
     results[name] = check()
     results[name]["check_s"] = time.perf_counter() - start
-    print(f"[gpu_check] {name} done in {results[name]['check_s']:.0f} s", flush=True)
-  s, t, r = results["sampler"], results["train_step"], results["rl_step"]
-  lines = [
-      f"gpu check ({args.size}: {size['model']}, random weights) on {device.platform} "
-      f"{device.device_kind}; peaks ({source}) {flops_peak / 1e12:.0f} TFLOP/s bf16, "
-      f"{bandwidth / 1e9:.0f} GB/s",
-      f"  sampler: {s['tokens_per_s']:.0f} tokens/s at batch {s['rows']} ({s['new_tokens']} new "
-      f"tokens, {s['seconds']:.2f} s; first call {s['first_call_s']:.1f} s) = "
-      f"{100 * s['fraction_of_hbm_roofline']:.0f}% of the HBM roofline "
-      f"({s['roofline_tokens_per_s']:.0f} tokens/s)",
-      f"  train step: {t['step_s']:.2f} s for {t['batch']} x ({t['prompt_len']} + "
-      f"{t['response_len']}) tokens, {t['micro_batches']} micro-batches: MFU "
-      f"{100 * t['mfu']:.1f}% (compile {t['compile_s']:.0f} s)",
-      f"  RL step ({r['rows']} rows, up to {r['new_tokens']} new tokens): sample "
-      f"{r['sample_s']:.2f} s, score {r['score_s']:.2f} s, update {r['update_s']:.2f} s = "
-      f"{r['step_s']:.2f} s (loss finite: {r['loss_finite']})",
-  ]
-  print(json.dumps(results, indent=2) if args.json else "\n".join(lines))
+    if not args.json:  # Each figure as soon as it exists: a later check may fail or time out.
+      print(describe(results[name]), f"[{results[name]['check_s']:.0f} s]", flush=True)
+  if args.json:
+    print(json.dumps(results, indent=2))
+
+
+def _sampler_line(s: dict) -> str:
+  return (f"  sampler: {s['tokens_per_s']:.0f} tokens/s at batch {s['rows']} ({s['new_tokens']} "
+          f"new tokens, {s['seconds']:.2f} s; first call {s['first_call_s']:.1f} s) = "
+          f"{100 * s['fraction_of_hbm_roofline']:.0f}% of the HBM roofline "
+          f"({s['roofline_tokens_per_s']:.0f} tokens/s)")
+
+
+def _train_line(t: dict) -> str:
+  return (f"  train step: {t['step_s']:.2f} s for {t['batch']} x ({t['prompt_len']} + "
+          f"{t['response_len']}) tokens, {t['micro_batches']} micro-batches: MFU "
+          f"{100 * t['mfu']:.1f}% (compile {t['compile_s']:.0f} s)")
+
+
+def _rl_line(r: dict) -> str:
+  return (f"  RL step ({r['rows']} rows, up to {r['new_tokens']} new tokens): sample "
+          f"{r['sample_s']:.2f} s, score {r['score_s']:.2f} s, update {r['update_s']:.2f} s = "
+          f"{r['step_s']:.2f} s (loss finite: {r['loss_finite']})")
 
 
 if __name__ == "__main__":
