@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/benchmark.py {sampler,train,rl-step,attention} [--json]`."""
+"""Benchmarks: `python launch/benchmark.py {sampler,train,rl-step,attention,rewards} [--json]`."""
 
 import argparse
 import importlib
@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SUITES = {"sampler": "bench_sampler", "train": "bench_train", "rl-step": "bench_rl_step",
-          "attention": "bench_attention"}
+          "attention": "bench_attention", "rewards": "bench_rewards"}
 
 
 def main():

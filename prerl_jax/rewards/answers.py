@@ -20,20 +20,35 @@ def _braced_content(text: str, open_at: int) -> str | None:
   return None
 
 
-def last_boxed(text: str) -> str | None:
-  """Content of the last `\\boxed{...}` (also `\\fbox{...}`, `\\boxed 5`), or None if absent."""
-  start = max(text.rfind(command) for command in BOXED_COMMANDS)
-  if start < 0:
-    return None
-  command = next(c for c in BOXED_COMMANDS if text.startswith(c, start))
+def _box_at(text: str, start: int, command: str) -> str | None:
+  """Content of the box whose command starts at text[start], or None when it is unclosed."""
   after = start + len(command)
-  rest = text[after:]
-  if rest.startswith("{"):
+  if text.startswith("{", after):
     return _braced_content(text, after)
-  if rest.startswith(" "):
-    token = rest.lstrip(" ").split(maxsplit=1)
-    return token[0].rstrip("$") if token else None
-  return None
+  token = text[after:].lstrip(" ").split(maxsplit=1)
+  return token[0].rstrip("$") if token else None
+
+
+def _is_box(text: str, start: int, command: str) -> bool:
+  """Whether the command at text[start] takes an argument (`{...}` or ` token`), not a bare word."""
+  after = start + len(command)
+  return text.startswith(("{", " "), after)
+
+
+def last_boxed(text: str) -> str | None:
+  """Content of the last `\\boxed{...}` (also `\\fbox{...}`, `\\boxed 5`), or None if absent.
+
+  A bare command without an argument (`I used \\fbox.`, `\\boxedfoo`) is not a box and is
+  skipped; an unclosed last box (a truncated response) gives None.
+  """
+  end = len(text)
+  while True:
+    start, command = max((text.rfind(c, 0, end), c) for c in BOXED_COMMANDS)
+    if start < 0:
+      return None
+    if _is_box(text, start, command):
+      return _box_at(text, start, command)
+    end = start
 
 
 def last_answer_tag(text: str, tag: str = "answer") -> str | None:

@@ -42,18 +42,28 @@ class MathRewards:
 def verify_answer(answer: str, ground_truth: str) -> str:
   """Compares one boxed answer with the truth in this process: "correct", "wrong" or "unparsable".
 
-  No time limit: call it through MathVerifierPool unless the inputs are trusted.
+  No time limit: call it through MathVerifierPool unless the inputs are trusted. Equations,
+  constants and repeating decimals are judged as prerl_jax.rewards.math_forms describes.
   """
   import math_verify  # pylint: disable=import-outside-toplevel
+  from prerl_jax.rewards import math_forms  # pylint: disable=import-outside-toplevel
+
+  def parsed(latex: str) -> list:
+    latex = math_forms.repeating_decimals_as_fractions(latex)
+    return [math_forms.with_constants(expr) for expr in math_verify.parse(
+        f"\\boxed{{{latex}}}", extraction_config=config, parsing_timeout=None)]
+
+  def equal(gold, predicted) -> bool:
+    return math_verify.verify(gold, predicted, timeout_seconds=None)
 
   config = [math_verify.LatexExtractionConfig()]
-  gold = math_verify.parse(f"\\boxed{{{ground_truth}}}", extraction_config=config,
-                           parsing_timeout=None)
-  predicted = math_verify.parse(f"\\boxed{{{answer}}}", extraction_config=config,
-                                parsing_timeout=None)
+  gold, predicted = parsed(ground_truth), parsed(answer)
   if not gold or not predicted:
     return _UNPARSABLE
-  return _CORRECT if math_verify.verify(gold, predicted, timeout_seconds=None) else _WRONG
+  if not math_forms.has_relation(gold[0]) and not math_forms.equations_are_answer_forms(
+      predicted[0], equal):
+    return _WRONG
+  return _CORRECT if equal(gold, predicted) else _WRONG
 
 
 def _worker_loop(connection) -> None:

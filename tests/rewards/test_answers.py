@@ -18,6 +18,10 @@ from prerl_jax.rewards import answers
     ("\\boxed{\\boxed{3}}", "3"),
     ("no box here", None),
     ("\\boxed{unclosed", None),
+    ("\\boxed{7}. I used \\fbox.", "7"),
+    ("\\fbox{7} and \\boxedfoo", "7"),
+    ("\\boxed{7}\\fbox", "7"),
+    ("\\boxed{5} then \\boxed{7", None),
     ("", None),
 ])
 def test_last_boxed(text, expected):

@@ -59,6 +59,41 @@ VERIFIER_TABLE = [
     ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}", 0),
     ("\\boxed{2^{10}}", "1024", 1),
     ("\\boxed{\\infty}", "\\infty", 1),
+    # Equations: an answer form names the value on the left; other equations score 0.
+    ("\\boxed{8 = 7}", "7", 0),
+    ("\\boxed{1=2=3=4=5=6=7}", "7", 0),
+    ("\\boxed{7 = 7}", "7", 0),
+    ("\\boxed{2x = 7}", "7", 0),
+    ("\\boxed{a = 7}", "7", 1),
+    ("\\boxed{\\text{area} = 7}", "7", 1),
+    ("\\boxed{x = 3 + 4 = 7}", "7", 1),
+    ("\\boxed{x = 5 = 7}", "7", 0),
+    ("\\boxed{(8 = 1, 9 = 2)}", "(1, 2)", 0),
+    ("\\boxed{2x + 1 = y}", "y = 2x + 1", 1),
+    # Commands after a box: a bare \fbox or \boxedfoo is not the last box.
+    ("\\boxed{7}. I used \\fbox.", "7", 1),
+    ("\\fbox{7}, not \\boxedanswer", "7", 1),
+    ("\\boxed{7}\\fbox", "7", 1),
+    ("\\boxed{8}. I used \\fbox.", "7", 0),
+    # Constants: the imaginary unit, e and pi evaluate.
+    ("\\boxed{e^{i\\pi}}", "-1", 1),
+    ("\\boxed{e^{i\\pi} + 1}", "0", 1),
+    ("\\boxed{e^{i\\pi/2}}", "i", 1),
+    ("\\boxed{i^2}", "-1", 1),
+    ("\\boxed{\\sqrt{-1}}", "i", 1),
+    ("\\boxed{\\mathrm{e}^{2}}", "e^2", 1),
+    ("\\boxed{e^{i\\pi}}", "1", 0),
+    ("\\boxed{\\pi}", "3.14", 0),
+    # Repeating decimals are exact fractions.
+    ("\\boxed{0.\\overline{3}}", "\\frac{1}{3}", 1),
+    ("\\boxed{0.1\\overline{6}}", "\\frac{1}{6}", 1),
+    ("\\boxed{1.\\overline{142857}}", "\\frac{8}{7}", 1),
+    ("\\boxed{0.\\dot{3}}", "\\frac{1}{3}", 1),
+    ("\\boxed{0.(6)}", "\\frac{2}{3}", 1),
+    ("\\boxed{0.\\overline{9}}", "1", 1),
+    ("\\boxed{\\frac{1}{3}}", "0.\\overline{3}", 1),
+    ("\\boxed{0.\\overline{3}}", "0.33", 0),
+    ("\\boxed{0.\\overline{3}}", "\\frac{3}{10}", 0),
 ]
 
 
