@@ -67,9 +67,12 @@ def score_once(count: int) -> dict:
 def run_side(root: str, count: int) -> dict:
   """score_once in a subprocess that imports prerl_jax from `root`."""
   env = dict(os.environ, PYTHONPATH=root)
-  output = subprocess.run([sys.executable, os.path.abspath(__file__), "--once",
-                           f"--responses={count}"], env=env, cwd=root, check=True,
-                          capture_output=True, text=True).stdout
+  done = subprocess.run([sys.executable, os.path.abspath(__file__), "--once",
+                         f"--responses={count}"], env=env, cwd=root, capture_output=True,
+                        text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"scoring with {root} failed:\n{done.stderr[-3000:]}")
+  output = done.stdout
   return json.loads(output.strip().splitlines()[-1])
 
 
