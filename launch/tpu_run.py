@@ -5,6 +5,10 @@ as `--jax_platforms=cpu|cuda|tpu` are honoured. Multi-host: run the same command
 jax.distributed is initialised from --coordinator_address/--num_processes/--process_id, from the
 environment, or automatically on TPU pods.
 
+A user error (bad config key or value, bad data file or row, bad checkpoint path, an accelerator
+that is not there) prints one line naming the file, row or key and exits 1; `--verbose` (or
+absl's `--verbosity=1`) shows its traceback too.
+
 `--dry_run --target=v5p-16 [--mesh=fsdp=8,tensor=1] [--json]` trains nothing and reads no weights
 or data: it compiles the run's programs for a slice or host by product name (v5p-16, v5p-32,
 v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64: libtpu's compiler on the real topology;
@@ -39,6 +43,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from prerl_jax import errors  # noqa: E402
+
 jax.config.config_with_absl()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
                                           lock_config=True)
@@ -54,7 +60,10 @@ _TARGET = flags.DEFINE_string("target", "v5p-16", "Dry-run target by product nam
                               "h200x8.")
 _MESH = flags.DEFINE_string("mesh", None, "Dry-run mesh over the target's chips, e.g. "
                             "fsdp=4,tensor=2 (default: all chips on fsdp).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a user error (bad config, "
+                             "data or path) as well as its message.")
 flags.mark_flag_as_required("config")
+_ACCELERATOR_NAMES = {"cuda": "GPU", "gpu": "GPU", "rocm": "GPU", "tpu": "TPU"}
 
 
 def _initialize_distributed():
@@ -64,6 +73,19 @@ def _initialize_distributed():
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif "JAX_COORDINATOR_ADDRESS" in os.environ or os.environ.get("TPU_WORKER_HOSTNAMES"):
     jax.distributed.initialize()
+
+
+def _check_backend():
+  """A UserError naming --jax_platforms when the accelerator it asks for is not there."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as error:  # A missing CUDA device fails an assert.
+    platforms = jax.config.jax_platforms or ""
+    kinds = " or ".join(sorted({_ACCELERATOR_NAMES.get(p, p) for p in platforms.split(",") if p}))
+    detail = f": {error}" if str(error) else ""
+    raise errors.UserError(f"--jax_platforms={platforms}: no {kinds} was found (jax could not "
+                           f"start that backend{detail}); --jax_platforms=cpu runs on the "
+                           "CPU") from error
 
 
 def _summary_lines(summary: dict) -> list[str]:
@@ -93,6 +115,12 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  verbose = _VERBOSE.value or logging.get_verbosity() >= logging.DEBUG
+  with errors.exit_on_user_error("tpu_run.py", verbose):
+    _run(argv)
+
+
+def _run(argv):
   if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows it.
   if len(argv) > 1:
@@ -105,6 +133,7 @@ def main(argv):
       sys.exit(f"tpu_run.py: {error}")
     return
   _initialize_distributed()
+  _check_backend()
   from prerl_jax.evals import evaluation  # pylint: disable=import-outside-toplevel
   from prerl_jax.training import trainer  # pylint: disable=import-outside-toplevel
   logging.info("devices: %s", jax.devices())

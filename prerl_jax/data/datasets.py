@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 
+from prerl_jax.errors import UserError
+
 GYM_INSTRUCTIONS = {
     "answer_tags": "Give your final answer inside <answer></answer> tags.",
     "boxed": "Put your final answer within \\boxed{}.",
@@ -17,7 +19,7 @@ GYM_INSTRUCTIONS = {
 DEDUPE_KEYS = ("user_message", "index")
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A data file or row that cannot be used; the message names the file and row."""
 
 
@@ -87,8 +89,13 @@ def _read_rows(path: str) -> list[Any]:
     return pq.read_table(path).to_pylist()
   if path.endswith((".jsonl", ".json")):
     rows = []
-    with open(path, encoding="utf-8") as file:
-      for line_number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+      for line_number, raw in enumerate(file, start=1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+          raise DataError(f"{path}, line {line_number}: not valid UTF-8 (byte {error.start} "
+                          f"of the line is {raw[error.start]:#04x})") from error
         if line.strip():
           try:
             rows.append(json.loads(line))

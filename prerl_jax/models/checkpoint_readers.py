@@ -12,11 +12,27 @@ import gguf
 import ml_dtypes
 import numpy as np
 
+from prerl_jax.errors import UserError
+
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+def _json_of(path: str, data: bytes):
+  """The JSON value in data, read from path; an error naming the path when it is not JSON."""
+  try:
+    return json.loads(data)
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise UserError(f"{path}: not valid JSON ({error})") from None
+
+
+def _json_file(path: str):
+  """The JSON value of a file; an error naming it when it is not JSON."""
+  with open(path, "rb") as f:
+    return _json_of(path, f.read())
 
 
 class SafetensorsCheckpoint:
@@ -26,18 +42,16 @@ class SafetensorsCheckpoint:
     self.directory = directory
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint)")
-    with open(config_path) as f:
-      self.hf_config = json.load(f)
+      raise UserError(f"{directory}: no config.json (not a Hugging Face checkpoint)")
+    self.hf_config = _json_file(config_path)
     self.config_source = config_path
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-      with open(index_path) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      files = sorted(set(_json_file(index_path)["weight_map"].values()))
     else:
       files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
-      raise FileNotFoundError(f"{directory}: no .safetensors files")
+      raise UserError(f"{directory}: no .safetensors files")
     self._entries = {}
     for name in files:
       self._read_header(os.path.join(directory, name))
@@ -47,19 +61,19 @@ class SafetensorsCheckpoint:
     with open(path, "rb") as f:
       raw = f.read(8)
       if len(raw) < 8:
-        raise ValueError(f"{path}: truncated safetensors file (no header)")
+        raise UserError(f"{path}: truncated safetensors file (no header)")
       (header_len,) = struct.unpack("<Q", raw)
       if 8 + header_len > size:
-        raise ValueError(f"{path}: truncated safetensors file (header of {header_len} bytes)")
-      header = json.loads(f.read(header_len))
+        raise UserError(f"{path}: truncated safetensors file (header of {header_len} bytes)")
+      header = _json_of(f"{path} (safetensors header)", f.read(header_len))
     header.pop("__metadata__", None)
     for tensor_name, info in header.items():
       begin, end = info["data_offsets"]
       if 8 + header_len + end > size:
-        raise ValueError(f"{path}: truncated safetensors file; tensor {tensor_name!r} ends at "
-                         f"byte {8 + header_len + end} of {size}")
+        raise UserError(f"{path}: truncated safetensors file; tensor {tensor_name!r} ends at "
+                        f"byte {8 + header_len + end} of {size}")
       if info["dtype"] not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"{path}: tensor {tensor_name!r} has unsupported dtype {info['dtype']}")
+        raise UserError(f"{path}: tensor {tensor_name!r} has unsupported dtype {info['dtype']}")
       self._entries[tensor_name] = (path, 8 + header_len + begin, info["dtype"],
                                     tuple(info["shape"]))
 
@@ -128,7 +142,7 @@ class GGUFCheckpoint:
     try:
       reader = gguf.GGUFReader(path)
     except Exception as e:  # The gguf package raises assorted errors on damaged files.
-      raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+      raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     self._reader = reader
     self._fields = {k: f.contents() for k, f in reader.fields.items()
                     if not k.startswith("tokenizer.")}
@@ -139,8 +153,8 @@ class GGUFCheckpoint:
       expected = int(tensor.n_elements) // block * type_size
       end = int(tensor.data_offset) + expected
       if tensor.data.nbytes < expected or end > size:
-        raise ValueError(f"{path}: truncated GGUF file; tensor {tensor.name!r} ends at byte "
-                         f"{end} of {size}")
+        raise UserError(f"{path}: truncated GGUF file; tensor {tensor.name!r} ends at byte "
+                        f"{end} of {size}")
       hf_name = _hf_name_of_gguf(tensor.name)
       if hf_name is not None:
         self._tensors[hf_name] = tensor
@@ -158,10 +172,10 @@ class GGUFCheckpoint:
     missing = [k for k in ("block_count", "embedding_length", "feed_forward_length",
                            "attention.head_count") if self._field(k) is None]
     if missing:
-      raise ValueError(f"{self.path}: GGUF metadata lacks {arch}.{missing[0]}")
+      raise UserError(f"{self.path}: GGUF metadata lacks {arch}.{missing[0]}")
     embed = self._tensors.get("model.embed_tokens.weight")
     if embed is None:
-      raise ValueError(f"{self.path}: GGUF file has no tensor 'token_embd.weight'")
+      raise UserError(f"{self.path}: GGUF file has no tensor 'token_embd.weight'")
     num_heads = int(self._field("attention.head_count"))
     hidden = int(self._field("embedding_length"))
     hf = dict(
@@ -209,10 +223,10 @@ class GGUFCheckpoint:
 
 def open_checkpoint(path: str):
   """A GGUF file or a Hugging Face safetensors directory, by what the path is."""
+  if not os.path.exists(path):
+    raise UserError(f"{path}: no such path")
   if os.path.isdir(path):
     return SafetensorsCheckpoint(path)
   if path.endswith(".gguf"):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: no such GGUF file")
     return GGUFCheckpoint(path)
-  raise ValueError(f"{path}: expected a Hugging Face checkpoint directory or a .gguf file")
+  raise UserError(f"{path}: expected a Hugging Face checkpoint directory or a .gguf file")

@@ -1,8 +1,9 @@
 """Loading a Decoder from a preset, a Hugging Face directory or a GGUF file, optionally sharded.
 
-Every tensor is checked (present, right shape) before any is placed, so a bad checkpoint raises
-an error naming the tensor and file and nothing half-loaded is returned. With a mesh, each
-parameter is assembled on the host one at a time and each device receives only its shard.
+Every tensor is checked (present, right shape) before any is placed, and for NaN and Inf as it
+is read, so a bad checkpoint raises an error naming the tensor and file and nothing half-loaded
+is returned. With a mesh, each parameter is assembled on the host one at a time and each device
+receives only its shard.
 """
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prerl_jax.models import presets
 from prerl_jax import sharding
+from prerl_jax.errors import UserError
 from prerl_jax.models.checkpoint_readers import open_checkpoint
 from prerl_jax.models.decoder import Decoder
 from prerl_jax.models.config import ModelConfig
@@ -24,14 +26,24 @@ def _check_tensors(checkpoint, mappings: list[TensorMapping]):
   for mapping in mappings:
     for name in mapping.hf_names:
       if name not in checkpoint.names:
-        raise ValueError(f"{checkpoint.config_source}: checkpoint is missing tensor {name!r}")
+        raise UserError(f"{checkpoint.config_source}: checkpoint is missing tensor {name!r}")
       if tuple(checkpoint.shape(name)) != mapping.hf_shape:
-        raise ValueError(f"{checkpoint.where(name)}: tensor {name!r} has shape "
-                         f"{tuple(checkpoint.shape(name))}, expected {mapping.hf_shape}")
+        raise UserError(f"{checkpoint.where(name)}: tensor {name!r} has shape "
+                        f"{tuple(checkpoint.shape(name))}, expected {mapping.hf_shape}")
 
 
-def _host_value(checkpoint, mapping: TensorMapping, dtype) -> np.ndarray:
-  slices = [mapping.to_ours(np.asarray(checkpoint.read(n), np.float32)).astype(dtype)
+def _read_float32(checkpoint, name: str, check_finite: bool) -> np.ndarray:
+  """A checkpoint tensor as float32; with check_finite, an error naming it if it holds NaN/Inf."""
+  value = np.asarray(checkpoint.read(name), np.float32)
+  if check_finite and not np.isfinite(value).all():
+    raise UserError(f"{checkpoint.where(name)}: tensor {name!r} holds "
+                    f"{np.isnan(value).sum()} NaN and {np.isinf(value).sum()} Inf values "
+                    "(check_finite=False skips this check)")
+  return value
+
+
+def _host_value(checkpoint, mapping: TensorMapping, dtype, check_finite: bool) -> np.ndarray:
+  slices = [mapping.to_ours(_read_float32(checkpoint, n, check_finite)).astype(dtype)
             for n in mapping.hf_names]
   return np.stack(slices) if mapping.stacked else slices[0]
 
@@ -49,7 +61,7 @@ def model_config_of(checkpoint_path: str, **overrides) -> ModelConfig:
 
 def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None = None,
                rules=sharding.DEFAULT_RULES, with_tokenizer: bool = True,
-               **config_overrides) -> tuple[Decoder, object]:
+               check_finite: bool = True, **config_overrides) -> tuple[Decoder, object]:
   """Loads (model, tokenizer) from a preset name or a checkpoint path.
 
   Args:
@@ -58,6 +70,7 @@ def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None 
     path: the local checkpoint for presets that are not bundled.
     mesh: place parameters sharded over this mesh by `rules`; default the first device.
     with_tokenizer: also load the tokenizer of the same checkpoint (else None is returned).
+    check_finite: fail on a tensor holding NaN or Inf (False saves a pass over huge checkpoints).
     **config_overrides: ModelConfig fields such as `param_dtype`, `dtype`, `remat`.
   """
   checkpoint_path, family = presets.resolve(name_or_path, path)
@@ -65,8 +78,8 @@ def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None 
   config = ModelConfig.from_hf_dict(checkpoint.hf_config, source=checkpoint.config_source,
                                     **config_overrides)
   if family is not None and config.model_type != family:
-    raise ValueError(f"{checkpoint.config_source}: preset {name_or_path!r} expects a "
-                     f"{family} checkpoint, this one is {config.model_type}")
+    raise UserError(f"{checkpoint.config_source}: preset {name_or_path!r} expects a "
+                    f"{family} checkpoint, this one is {config.model_type}")
   mappings = tensor_mappings(config)
   _check_tensors(checkpoint, mappings)
 
@@ -82,7 +95,7 @@ def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None 
   values = {}
   for mapping in mappings:
     target = flat_shardings[mapping.path].get_value()
-    values[mapping.path] = _place(_host_value(checkpoint, mapping, dtype), target)
+    values[mapping.path] = _place(_host_value(checkpoint, mapping, dtype, check_finite), target)
   pure = {}
   for path, value in values.items():
     node = pure

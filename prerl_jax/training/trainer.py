@@ -21,6 +21,7 @@ from prerl_jax.evals import behaviour, evaluation
 from prerl_jax.training import caches, run_config
 from prerl_jax.data import pipeline as data_pipeline, prompts
 from prerl_jax import sharding
+from prerl_jax.errors import UserError
 from prerl_jax.training.checkpointing import Checkpointer
 from prerl_jax.models.export import export_hf
 from prerl_jax.models.loading import load_model
@@ -45,9 +46,19 @@ def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> 
   )
   for key, value, divisor in checks:
     if value % divisor:
-      raise ValueError(f"config {key} = {value} must be divisible by {divisor} (the mesh splits "
-                       f"batches {batch_devices} ways; optim.micro_batches = "
-                       f"{optim.micro_batches})")
+      raise UserError(f"config {key} = {value} must be divisible by {divisor} (the mesh splits "
+                      f"batches {batch_devices} ways; optim.micro_batches = "
+                      f"{optim.micro_batches})")
+
+
+def check_train_fills_a_step(config: ml_collections.ConfigDict, num_problems: int) -> None:
+  """Fails, naming the config keys, when the train split holds fewer problems than one step."""
+  prompts_per_step = config.rollout.prompts_per_step
+  if num_problems < prompts_per_step:
+    source = (f"data.train_size = {config.data.train_size}"
+              if config.data.source == "reasoning_gym" else "data.train_files")
+    raise UserError(f"config {source} gives {num_problems} training problems, fewer than one "
+                    f"step's rollout.prompts_per_step = {prompts_per_step}")
 
 
 def response_width(longest: int, max_new_tokens: int, smallest: int = 32) -> int:
@@ -92,6 +103,7 @@ class Trainer:
         param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
         attention=model_cfg.attention)
     self.data = load_task_data(config.data, config.reward, REPO_ROOT)
+    check_train_fills_a_step(config, len(self.data.train))
     self.schedule = run_config.schedule_of(config)
     self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,
                                     config.optim.grad_clip, config.optim.b1, config.optim.b2)
