@@ -129,3 +129,12 @@ def test_gym_errors():
     datasets.gym_dataset("chain_sum", 4, 0, bogus=1)
   with pytest.raises(ValueError, match="heldout_seed must differ"):
     datasets.gym_train_heldout("chain_sum", 4, 4, seed=2, heldout_seed=2)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+  rows = [json.dumps(_row()).encode(), json.dumps(_row()).encode().replace(b"?", b"?\xff")]
+  assert b"\xff" in rows[1]
+  (tmp_path / "latin.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+  with pytest.raises(datasets.DataError, match=r"latin\.jsonl, line 2: not valid UTF-8 \(byte "
+                     r"\d+ of the line is 0xff\)"):
+    datasets.load_rl_file(str(tmp_path / "latin.jsonl"))

@@ -1,10 +1,14 @@
 """Tests for the math-verify reward: a verifier table, hostile inputs, no code execution."""
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
+import run_fixtures
 from prerl_jax.rewards import math_reward
 
 TIMEOUT_S = 2.0
@@ -170,3 +174,14 @@ def test_dead_workers_are_replaced():
     result = crash_pool.score(["\\boxed{\\frac{4}{8}}", "\\boxed{0.2}", "\\boxed{3}"],
                               ["0.5", "\\frac15", "4"])
   assert result.rewards.tolist() == [1, 1, 0]
+
+
+def test_pool_started_from_a_script_on_stdin_says_why_it_cannot(tmp_path):
+  script = ("from prerl_jax.rewards import math_reward\n"
+            "math_reward.MathVerifierPool(num_workers=1)\n")
+  result = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": run_fixtures.REPO_ROOT})
+  assert result.returncode != 0
+  assert "worker processes re-import the main script, which cannot be done from standard " \
+      "input" in " ".join(result.stderr.split())

@@ -1,0 +1,54 @@
+"""User errors: one line naming the file, row or key, exit status 1, the traceback on request."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+import run_fixtures
+from prerl_jax import errors
+from prerl_jax.training import trainer
+
+TPU_RUN = os.path.join(run_fixtures.REPO_ROOT, "launch", "tpu_run.py")
+
+
+def test_exit_on_user_error_prints_one_line_unless_verbose():
+  with pytest.raises(SystemExit) as exited:
+    with errors.exit_on_user_error("prog", verbose=False):
+      raise errors.UserError("data.jsonl, line 3: not valid UTF-8")
+  assert exited.value.code == "prog: data.jsonl, line 3: not valid UTF-8"
+  with pytest.raises(errors.UserError, match="line 3"):
+    with errors.exit_on_user_error("prog", verbose=True):
+      raise errors.UserError("data.jsonl, line 3")
+  with pytest.raises(KeyError):  # Not a user error: a bug keeps its traceback.
+    with errors.exit_on_user_error("prog", verbose=False):
+      raise KeyError("x")
+
+
+@pytest.mark.parametrize("source, named", [("reasoning_gym", "data.train_size = 1"),
+                                           ("files", "data.train_files")])
+def test_a_train_split_smaller_than_one_step_names_the_keys(source, named):
+  config = ml_collections.ConfigDict({"rollout": {"prompts_per_step": 2},
+                                      "data": {"source": source, "train_size": 1}})
+  with pytest.raises(errors.UserError, match=rf"config {named} gives 1 training problems, "
+                     r"fewer than one step's rollout\.prompts_per_step = 2"):
+    trainer.check_train_fills_a_step(config, 1)
+  trainer.check_train_fills_a_step(config, 2)
+
+
+def _tpu_run(*flags):
+  env = dict(os.environ, JAX_PLATFORMS="", XLA_FLAGS="")
+  return subprocess.run([sys.executable, TPU_RUN, "--config=configs/w_reinforce.py", *flags],
+                        cwd=run_fixtures.REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidia0"), reason="a GPU is present")
+def test_missing_gpu_is_one_line_naming_the_flag():
+  result = _tpu_run("--jax_platforms=cuda")
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("tpu_run.py: --jax_platforms=cuda: no GPU was found"), result.stderr
