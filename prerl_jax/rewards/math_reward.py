@@ -145,7 +145,7 @@ class MathVerifierPool:
     self.max_answer_chars = max_answer_chars
     _check_main_is_importable()
     self._context = multiprocessing.get_context("forkserver")
-    self._context.set_forkserver_preload(["math_verify", __name__])
+    self._context.set_forkserver_preload(["math_verify", __name__, "prerl_jax.rewards.math_forms"])
     count = num_workers or min(4, os.cpu_count() or 1)
     self._workers = [_Worker(self._context) for _ in range(count)]
     self._lock = threading.Lock()
