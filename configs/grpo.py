@@ -1,7 +1,14 @@
-"""Run configuration for the grpo objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
+"""GRPO: group-normalized advantages on log P(y|x), post-train space (PAPER.md section 4).
 
-from prerl_jax.training.run_config import make_config
+`get_config(arg)`: arg = [cpu|paper][,key=value...] (configs/common.py).
+"""
+
+from configs import common
+from prerl_jax.rl.objective import PRESETS
 
 
 def get_config(arg=None):
-  return make_config("grpo", arg)
+  arg = common.parse_arg(arg, **common.ARGS)
+  config = common.experiment("grpo", arg)
+  config.objective = common.objective_section(PRESETS["grpo"])
+  return config

@@ -1,7 +1,14 @@
-"""Run configuration for the nsr_prerl objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
+"""NSR-PreRL: push down log P(y) of wrong responses in pre-train space (the paper's finding).
 
-from prerl_jax.training.run_config import make_config
+`get_config(arg)`: arg = [cpu|paper][,key=value...] (configs/common.py).
+"""
+
+from configs import common
+from prerl_jax.rl.objective import PRESETS
 
 
 def get_config(arg=None):
-  return make_config("nsr_prerl", arg)
+  arg = common.parse_arg(arg, **common.ARGS)
+  config = common.experiment("nsr_prerl", arg)
+  config.objective = common.objective_section(PRESETS["nsr_prerl"])
+  return config

@@ -1,7 +1,14 @@
-"""Run configuration for the nsr_rl objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
+"""NSR-RL: GRPO on the wrong responses only (A < 0), post-train space; an ablation.
 
-from prerl_jax.training.run_config import make_config
+`get_config(arg)`: arg = [cpu|paper][,key=value...] (configs/common.py).
+"""
+
+from configs import common
+from prerl_jax.rl.objective import PRESETS
 
 
 def get_config(arg=None):
-  return make_config("nsr_rl", arg)
+  arg = common.parse_arg(arg, **common.ARGS)
+  config = common.experiment("nsr_rl", arg)
+  config.objective = common.objective_section(PRESETS["nsr_rl"])
+  return config

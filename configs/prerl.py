@@ -1,7 +1,14 @@
-"""Run configuration for the prerl objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
+"""PreRL: policy gradient on log P(y), the prompt removed (pre-train space), all responses.
 
-from prerl_jax.training.run_config import make_config
+`get_config(arg)`: arg = [cpu|paper][,key=value...] (configs/common.py).
+"""
+
+from configs import common
+from prerl_jax.rl.objective import PRESETS
 
 
 def get_config(arg=None):
-  return make_config("prerl", arg)
+  arg = common.parse_arg(arg, **common.ARGS)
+  config = common.experiment("prerl", arg)
+  config.objective = common.objective_section(PRESETS["prerl"])
+  return config

@@ -1,7 +1,14 @@
-"""Run configuration for the psr_prerl objective: `get_config(arg)`, arg = [cpu|paper][,key=value...]."""
+"""PSR-PreRL: push up log P(y) of right responses in pre-train space; an ablation.
 
-from prerl_jax.training.run_config import make_config
+`get_config(arg)`: arg = [cpu|paper][,key=value...] (configs/common.py).
+"""
+
+from configs import common
+from prerl_jax.rl.objective import PRESETS
 
 
 def get_config(arg=None):
-  return make_config("psr_prerl", arg)
+  arg = common.parse_arg(arg, **common.ARGS)
+  config = common.experiment("psr_prerl", arg)
+  config.objective = common.objective_section(PRESETS["psr_prerl"])
+  return config

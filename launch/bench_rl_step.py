@@ -37,9 +37,10 @@ def _load() -> float:
 
 def ours(args, conn):
   """Runs one step of prerl_jax's Trainer (GRPO objective) per 'go' received on `conn`."""
-  from prerl_jax.training import run_config, trainer  # pylint: disable=import-outside-toplevel
+  import configs  # pylint: disable=import-outside-toplevel
+  from prerl_jax.training import trainer  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as run_dir:
-    config = run_config.make_config("grpo", run_config_arg(args, run_dir))
+    config = configs.get_config("grpo", run_config_arg(args, run_dir))
     config.train.log_both_spaces = 0  # TRL computes no other-space log-probs either.
     config.rollout.temperature = args.temperature
     config.optim.micro_batches = args.micro_batches
@@ -66,15 +67,15 @@ def trl(args, conn):
   import torch
   import transformers
   import trl as trl_lib
+  import configs
   from prerl_jax.models import presets
   from prerl_jax.data import prompts
-  from prerl_jax.training import run_config
   from prerl_jax.data.task_data import load_task_data
   from prerl_jax.models.tokenizer import load_tokenizer
 
   torch.manual_seed(0)
-  config = run_config.make_config("grpo", run_config_arg(args, "unused"))
-  data = load_task_data(config.data, config.reward, REPO_ROOT)
+  config = configs.get_config("grpo", run_config_arg(args, "unused"))
+  data = load_task_data(config.data, config.reward)
   gguf = presets.smollm2_gguf_path()
   model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32,

@@ -68,7 +68,7 @@ def main():
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={simulated}"
   from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
-  from prerl_jax.training import run_config  # pylint: disable=import-outside-toplevel
+  import configs  # pylint: disable=import-outside-toplevel
 
   os.makedirs(args.cache_dir, exist_ok=True)
   rows, timings = [], []
@@ -77,7 +77,7 @@ def main():
       path = os.path.join(args.cache_dir, f"{model}_{target}.json")
       if not os.path.exists(path):
         start = time.perf_counter()
-        report = dry_run.dry_run(run_config.make_config("dsrl", f"paper,model={model}"), target)
+        report = dry_run.dry_run(configs.get_config("dsrl", f"paper,model={model}"), target)
         report["dry_run_s"] = time.perf_counter() - start
         with open(path, "w") as f:
           json.dump(report, f, indent=1)

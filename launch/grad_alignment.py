@@ -20,11 +20,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import configs  # noqa: E402
 from prerl_jax.rl import grad_alignment  # noqa: E402
-from prerl_jax.training import run_config  # noqa: E402
 from prerl_jax.models.loading import load_model  # noqa: E402
 from prerl_jax.data.prompts import PromptConfig, encode_prompt  # noqa: E402
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch  # noqa: E402
@@ -64,8 +63,8 @@ def question_prompts(tokenizer, args) -> list[list[int]]:
   if not args.run_config:
     return [encode_prompt(tokenizer, [{"role": "user", "content": q}], PromptConfig()).ids
             for q in QUESTIONS]
-  config = run_config.make_config("grpo", args.run_config)
-  data = load_task_data(config.data, config.reward, REPO_ROOT)
+  config = configs.get_config("grpo", args.run_config)
+  data = load_task_data(config.data, config.reward)
   try:
     return [encode_prompt(tokenizer, problem.messages, data.prompt_config).ids
             for problem in data.train[:args.prompts]]

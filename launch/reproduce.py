@@ -40,8 +40,9 @@ def run_part(name: str, command: list[str], result_path: str) -> None:
 
 
 def training_command(method: str, args, out: str, evaluate_start: bool) -> list[str]:
-  arg = (f"cpu,steps={args.steps},lr={args.lr},switch={args.switch},seed={args.seed},"
-         f"run_dir={os.path.join(out, method)}")
+  arg = f"cpu,steps={args.steps},lr={args.lr},seed={args.seed},run_dir={os.path.join(out, method)}"
+  if method == "dsrl":
+    arg += f",switch={args.switch}"
   return [sys.executable, "launch/tpu_run.py", f"--config=configs/{method}.py:{arg}",
           f"--config.eval.samples_per_problem={args.eval_samples}",
           f"--config.eval.prompts_per_call={args.eval_prompts_per_call}",

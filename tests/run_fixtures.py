@@ -1,12 +1,17 @@
-"""A tiny trainable checkpoint with SmolLM2's tokenizer, and a small run config, for trainer tests."""
+"""A tiny trainable checkpoint with SmolLM2's tokenizer, run configs as tpu_run.py parses them,
+and other values for every objective key, for trainer and config tests."""
 
+import dataclasses
 import os
 
 import transformers
+from absl import flags
+from ml_collections import config_flags
 
 from prerl_jax.models.presets import smollm2_gguf_path
-from prerl_jax.training.run_config import make_config, set_from_text
 from prerl_jax.models.tokenizer import load_tokenizer
+from prerl_jax.rl import losses, objective as objective_lib
+from prerl_jax.rl.schedule import schedule_from_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")  # The project's data files.
@@ -40,10 +45,64 @@ def tiny_run_overrides(model_dir: str, run_dir: str, steps: int = 4) -> list[str
   ]
 
 
-def tiny_config(objective: str, model_dir: str, run_dir: str, steps: int = 4):
-  """The same settings as tiny_run_overrides, as a ConfigDict for in-process runs."""
-  config = make_config(objective)
-  for override in tiny_run_overrides(model_dir, run_dir, steps):
-    key, value = override[len("--config."):].split("=", 1)
-    set_from_text(config, key, value)
-  return config
+def parse_config(name: str, arg: str = "", overrides=()):
+  """The config launch/tpu_run.py parses from `--config=configs/<name>.py:<arg> *overrides`."""
+  path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
+  argv = ["tpu_run.py", f"--config={path}:{arg}" if arg else f"--config={path}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Run config file.", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def tiny_config(objective: str, model_dir: str, run_dir: str, steps: int = 4, overrides=()):
+  """The settings of tiny_run_overrides and then `overrides`, for in-process runs."""
+  return parse_config(objective, overrides=(*tiny_run_overrides(model_dir, run_dir, steps),
+                                            *overrides))
+
+
+def _names_in(*modules) -> list[str]:
+  """Every name in the modules' tuples of names: the values a str field may take."""
+  return [name for module in modules for value in vars(module).values()
+          if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)
+          for name in value]
+
+
+def _candidates(current) -> list:
+  if isinstance(current, bool):
+    return [not current]
+  if isinstance(current, (int, float)):
+    return [None, current + 0.5, current + 1, current / 2]
+  if isinstance(current, str):
+    return _names_in(losses, objective_lib)
+  if current is None:
+    return [2.0, 0.5, 1, True, *_names_in(losses, objective_lib)]
+  return []
+
+
+def changed_objective_overrides(name: str, section: str = "objective") -> dict:
+  """key -> (command-line text, value) for every Objective field of `section` in
+  configs/<name>.py: a value other than the config's that the schedule accepts alone."""
+  index = {"objective": -1, "objective.warmup": 0}[section]
+  fields = parse_config(name).objective
+  if section == "objective.warmup":
+    fields = fields.warmup
+  changed = {}
+  for field in dataclasses.fields(objective_lib.Objective):
+    for value in _candidates(fields[field.name]):
+      if value == fields[field.name]:
+        continue
+      text = str(value)
+      try:
+        config = parse_config(name, overrides=[f"--config.{section}.{field.name}={text}"])
+        got = getattr(schedule_from_config(config.objective).phases[index].objective, field.name)
+      except (ValueError, TypeError, flags.Error):
+        continue
+      if got == value:
+        changed[field.name] = (text, value)
+        break
+    else:
+      raise AssertionError(f"no other value found for {section}.{field.name} (from "
+                           f"{fields[field.name]!r}): teach run_fixtures._candidates its type")
+  return changed

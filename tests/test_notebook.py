@@ -15,6 +15,9 @@ NOTEBOOK = os.path.join(run_fixtures.REPO_ROOT, "notebooks", "dsrl_demo.ipynb")
 def test_dsrl_demo_notebook_runs_and_reports_both_methods(tmp_path, monkeypatch):
   monkeypatch.setenv("PRERL_NOTEBOOK_SMOKE", "1")
   monkeypatch.setenv("XLA_FLAGS", "")  # One CPU device, as in Colab.
+  # Inside a checkout: its root (configs/) on the kernel's path, as in Colab after the clone.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      filter(None, (run_fixtures.REPO_ROOT, os.environ.get("PYTHONPATH")))))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   NotebookClient(notebook, timeout=900, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()

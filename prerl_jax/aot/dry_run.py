@@ -48,7 +48,7 @@ from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.decoder import Decoder
 from prerl_jax.rl import train_step
 from prerl_jax.rl.objective import CONDITIONAL, MARGINAL
-from prerl_jax.training import run_config
+from prerl_jax.rl.schedule import schedule_from_config
 
 GIB = targets_lib.GIB
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -270,7 +270,7 @@ def step_shapes(config: ml_collections.ConfigDict, mesh, model_config: ModelConf
   graphdef, abstract_params = nnx.split(abstract_model)
   optimizer = train_step.make_optimizer(optim.learning_rate, optim.weight_decay, optim.grad_clip,
                                         optim.b1, optim.b2)
-  with_reference = any(p.objective.kl_spaces for p in run_config.schedule_of(config).phases)
+  with_reference = any(p.objective.kl_spaces for p in schedule_from_config(config.objective).phases)
   state = train_step.TrainState(
       params=abstract_params, opt_state=jax.eval_shape(optimizer.init, abstract_params),
       step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(jax.random.key, 0),
@@ -344,9 +344,9 @@ def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> lis
   state = shapes.state
   weights = _compute_weights_bytes(shapes)
   state_bytes = per_device_bytes((state.params, state.opt_state, state.reference))
-  bos_id = max(config.objective.marginal_bos_id, 0)  # Its value does not change the program.
+  bos_id = max(config.model.marginal_bos_id, 0)  # Its value does not change the program.
   programs = []
-  for phase in run_config.schedule_of(config).phases:
+  for phase in schedule_from_config(config.objective).phases:
     objective = phase.objective
     step = train_step.make_train_step(
         shapes.graphdef, objective, shapes.optimizer, group_size=rollout.group_size,

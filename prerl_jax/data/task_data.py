@@ -27,19 +27,29 @@ class TaskData:
       self.math_pool.close()
 
 
-def _resolve(path: str, config_dir: str) -> str:
-  """A data path as given, or relative to the repository root when it does not exist as given."""
-  if os.path.exists(path) or os.path.isabs(path):
-    return path
-  return os.path.join(config_dir, path)
+def data_files(data: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """The paths of data.train_files and data.eval_files under data.dir (none unless
+  data.source='files'); fails naming the key and the first file that does not exist."""
+  if data.source != "files":
+    return [], []
+  if not data.train_files:
+    raise ValueError("config key data.train_files is empty while data.source='files'")
+  paths = {}
+  for key in ("train_files", "eval_files"):
+    paths[key] = [os.path.join(data.dir, name) for name in data[key]]
+    for path in paths[key]:
+      if not os.path.exists(path):
+        raise ValueError(f"config key data.dir={data.dir!r}: {path} (in data.{key}) does not "
+                         "exist; the paper preset takes its directory as `paper,data_dir=/path`")
+  return paths["train_files"], paths["eval_files"]
 
 
-def load_task_data(data: ml_collections.ConfigDict, reward: ml_collections.ConfigDict,
-                   root: str) -> TaskData:
+def load_task_data(data: ml_collections.ConfigDict,
+                   reward: ml_collections.ConfigDict) -> TaskData:
   """Builds TaskData from the `data` and `reward` sections of a run config.
 
   data.source is `reasoning_gym` (a generated task with a held-out split) or `files` (RL parquet
-  / JSONL files scored with math-verify). Relative file paths resolve against `root` as well.
+  / JSONL files under data.dir, scored with math-verify).
   """
   prompt_config = prompts.PromptConfig(
       max_prompt_tokens=data.max_prompt_length, system_prompt=data.system_prompt or None,
@@ -51,16 +61,15 @@ def load_task_data(data: ml_collections.ConfigDict, reward: ml_collections.Confi
     return TaskData(train, [(data.task, heldout)],
                     evaluation.gym_scorer(gym, data.answer_format), prompt_config, 0)
   if data.source == "files":
-    if not data.train_files:
-      raise ValueError("config key data.train_files is empty while data.source='files'")
+    train_paths, eval_paths = data_files(data)
     train, skipped = [], 0
-    for path in data.train_files:
-      loaded = datasets.load_rl_file(_resolve(path, root), data.on_bad_row)
+    for path in train_paths:
+      loaded = datasets.load_rl_file(path, data.on_bad_row)
       train.extend(loaded.problems)
       skipped += loaded.skipped
     eval_sets = []
-    for path in data.eval_files:
-      loaded = datasets.load_rl_file(_resolve(path, root), data.on_bad_row)
+    for path in eval_paths:
+      loaded = datasets.load_rl_file(path, data.on_bad_row)
       skipped += loaded.skipped
       problems = (datasets.dedupe_problems(loaded.problems) if data.dedupe_eval
                   else loaded.problems)

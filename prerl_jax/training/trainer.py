@@ -18,7 +18,7 @@ import tqdm
 from flax import nnx
 
 from prerl_jax.evals import behaviour, evaluation
-from prerl_jax.training import caches, run_config
+from prerl_jax.training import caches
 from prerl_jax.data import pipeline as data_pipeline, prompts
 from prerl_jax import sharding
 from prerl_jax.errors import UserError
@@ -28,11 +28,10 @@ from prerl_jax.models.loading import load_model
 from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
 from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
-from prerl_jax.data.task_data import load_task_data
+from prerl_jax.data.task_data import data_files, load_task_data
 from prerl_jax.models.tokenizer import chat_turn_start_id
+from prerl_jax.rl.schedule import schedule_from_config
 from prerl_jax.rl.train_step import enter_phase, init_train_state, make_optimizer, make_train_step
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
@@ -97,14 +96,15 @@ class Trainer:
     self.run_dir = config.train.run_dir.format(name=config.name)
     self.mesh = sharding.make_mesh(**config.mesh)
     check_batch_sizes(config, sharding.batch_devices(self.mesh))
+    self.schedule = schedule_from_config(config.objective)
+    data_files(config.data)  # A missing data file fails here, before the model loads.
     model_cfg = config.model
     self.model, self.tokenizer = load_model(
         model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,
         param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
         attention=model_cfg.attention)
-    self.data = load_task_data(config.data, config.reward, REPO_ROOT)
+    self.data = load_task_data(config.data, config.reward)
     check_train_fills_a_step(config, len(self.data.train))
-    self.schedule = run_config.schedule_of(config)
     self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,
                                     config.optim.grad_clip, config.optim.b1, config.optim.b2)
     kl_on = any(p.objective.kl_spaces for p in self.schedule.phases)
@@ -116,7 +116,7 @@ class Trainer:
     self.sampling = SamplingConfig.from_tokenizer(
         self.tokenizer, rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, n=rollout.group_size)
-    bos = config.objective.marginal_bos_id
+    bos = config.model.marginal_bos_id
     self.bos_id = bos if bos >= 0 else chat_turn_start_id(self.tokenizer)
     self._steps = {}
     self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs
 from prerl_jax import sharding
 from prerl_jax.aot import dry_run, report as report_lib, targets
 from prerl_jax.generate import sampler as sampler_lib
@@ -12,7 +13,6 @@ from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.loading import random_model
 from prerl_jax.rl import train_step
 from prerl_jax.rl.objective import get_objective
-from prerl_jax.training import run_config
 
 TINY = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16)
@@ -26,7 +26,7 @@ PARAM_ELEMENTS = (128 * 64 // 4 * 2  # embed and lm_head
 
 
 def tiny_config():
-  config = run_config.make_config("grpo", "cpu,prompts=8,group=4,new_tokens=16")
+  config = configs.get_config("grpo", "cpu,prompts=8,group=4,new_tokens=16")
   config.data.max_prompt_length = 64
   config.train.log_both_spaces = False
   return config
