@@ -50,3 +50,22 @@ def test_three_phase_schedule():
   assert [schedule.objective_at(s).name for s in range(1, 8)] == (
       ["nsr_prerl"] * 2 + ["grpo"] * 3 + ["nsr_prerl"] * 2)
   assert [s for s in range(1, 10) if schedule.is_switch(s)] == [3, 6]
+
+
+def test_schedule_from_config_section():
+  single = phases.schedule_from_config({"name": "mine", "aggregation": "seq-mean-token-sum"})
+  assert single.objective_at(7) == oc.Objective("mine", aggregation="seq-mean-token-sum")
+  dsrl = phases.schedule_from_config({
+      "name": "grpo", "kl_coef": 0.1, "switch_step": 4, "reset_optimizer": True,
+      "reset_reference": False, "warmup": {"name": "nsr", "space": "marginal"}})
+  assert dsrl.objective_at(3) == oc.Objective("nsr", space="marginal")
+  assert dsrl.objective_at(4) == oc.Objective("grpo", kl_coef=0.1)
+  assert (dsrl.phase_at(4).reset_optimizer, dsrl.phase_at(4).reset_reference) == (True, False)
+  with pytest.raises(ValueError, match=r"\['objective.switch_step'\] missing"):
+    phases.schedule_from_config({"name": "grpo", "warmup": {"name": "nsr"},
+                                 "reset_optimizer": True, "reset_reference": True})
+  with pytest.raises(ValueError, match=r"unknown config key\(s\) \['objective.warmup.clip'\]"):
+    phases.schedule_from_config({"name": "grpo", "switch_step": 3, "reset_optimizer": True,
+                                 "reset_reference": True, "warmup": {"name": "nsr", "clip": 1}})
+  with pytest.raises(ValueError, match="config section objective: dual_clip=0.5 must be > 1"):
+    phases.schedule_from_config({"name": "grpo", "dual_clip": 0.5})
