@@ -10,12 +10,14 @@ class _Received(Exception):
   """Stops a step once its train step has been asked for."""
 
 
-def test_train_step_receives_every_objective_key(tmp_path, monkeypatch):
+def test_train_steps_receive_every_objective_key_of_both_dsrl_phases(tmp_path, monkeypatch):
   model_dir = run_fixtures.save_tiny_chat_model(str(tmp_path / "model"))
-  changed = run_fixtures.changed_objective_overrides("grpo")
-  config = run_fixtures.tiny_config(
-      "grpo", model_dir, str(tmp_path / "run"), steps=1,
-      overrides=[f"--config.objective.{key}={text}" for key, (text, _) in changed.items()])
+  changed = {section: run_fixtures.changed_objective_overrides("dsrl", section)
+             for section in ("objective.warmup", "objective")}
+  overrides = [f"--config.{section}.{key}={text}"
+               for section, fields in changed.items() for key, (text, _) in fields.items()]
+  config = run_fixtures.tiny_config("dsrl", model_dir, str(tmp_path / "run"), steps=3,
+                                    overrides=[*overrides, "--config.objective.switch_step=3"])
   received = []
 
   def recording_make_train_step(graphdef, objective, *args, **kwargs):
@@ -24,14 +26,16 @@ def test_train_step_receives_every_objective_key(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer, "make_train_step", recording_make_train_step)
   run = trainer.Trainer(config)
+  monkeypatch.setattr(run, "_rollout", lambda batch, step: (None, {}, []))  # Nothing to sample.
   try:
-    with pytest.raises(_Received):
-      run.train_step(1, next(run.batches()))
+    for step in (1, 3):
+      with pytest.raises(_Received):
+        run.train_step(step, None)
   finally:
     run.close()
-  (objective,) = received
-  assert {key: getattr(objective, key) for key in changed} == {
-      key: value for key, (_, value) in changed.items()}
+  for objective, fields in zip(received, changed.values(), strict=True):
+    assert {key: getattr(objective, key) for key in fields} == {
+        key: value for key, (_, value) in fields.items()}
 
 
 def test_missing_paper_data_file_fails_before_the_model_loads(tmp_path):
