@@ -194,7 +194,6 @@ def test_continuous_rollout_engine_trains_with_sampler_logps_of_the_trainer(mode
 
 
 def test_unknown_rollout_engine_is_named():
-  config = run_fixtures.make_config("w_reinforce")
-  config.rollout.engine = "paged"
+  config = run_fixtures.parse_config("w_reinforce", overrides=["--config.rollout.engine=paged"])
   with pytest.raises(ValueError, match="rollout.engine='paged': expected one of"):
     trainer.rollout_sampler(None, None, config.rollout)
