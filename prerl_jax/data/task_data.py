@@ -7,6 +7,7 @@ import os
 import ml_collections
 
 from prerl_jax.data import datasets, prompts
+from prerl_jax.errors import UserError
 from prerl_jax.evals import evaluation
 from prerl_jax.rewards import math_reward
 
@@ -39,7 +40,7 @@ def data_files(data: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
     paths[key] = [os.path.join(data.dir, name) for name in data[key]]
     for path in paths[key]:
       if not os.path.exists(path):
-        raise ValueError(f"config key data.dir={data.dir!r}: {path} (in data.{key}) does not "
+        raise UserError(f"config key data.dir={data.dir!r}: {path} (in data.{key}) does not "
                          "exist; the paper preset takes its directory as `paper,data_dir=/path`")
   return paths["train_files"], paths["eval_files"]
 
