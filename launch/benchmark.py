@@ -1,4 +1,5 @@
-"""Benchmarks: `python launch/benchmark.py {sampler,train,rl-step,attention,rewards} [--json]`."""
+"""Benchmarks: `python launch/benchmark.py {sampler,continuous,train,rl-step,attention,rewards}
+[--json]`."""
 
 import argparse
 import importlib
@@ -7,8 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SUITES = {"sampler": "bench_sampler", "train": "bench_train", "rl-step": "bench_rl_step",
-          "attention": "bench_attention", "rewards": "bench_rewards"}
+SUITES = {"sampler": "bench_sampler", "continuous": "bench_continuous", "train": "bench_train",
+          "rl-step": "bench_rl_step", "attention": "bench_attention", "rewards": "bench_rewards"}
 
 
 def main():

@@ -18,7 +18,8 @@ def random_paged_case(rows=3, length=2, kv_lens=(5, 17, 9), page_size=4, pages=2
     table[row] = order[row * per_row:(row + 1) * per_row]
     for position in range(kv_len):
       page, slot = table[row, position // page_size], position % page_size
-      kv_pages[page, slot, 0::2], kv_pages[page, slot, 1::2] = keys[row, position], values[row, position]
+      kv_pages[page, slot, 0::2] = keys[row, position]
+      kv_pages[page, slot, 1::2] = values[row, position]
   kv_lens = np.asarray(kv_lens, np.int32)
   positions = kv_lens[:, None] - length + np.arange(length)
   q = rng.normal(size=(rows, length, heads, head_dim)).astype(np.float32)

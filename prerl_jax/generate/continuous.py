@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from prerl_jax import sharding
 from prerl_jax.generate import page_pool
 from prerl_jax.generate.paged_attention import gather_attention
-from prerl_jax.generate.paged_forward import paged_forward
+from prerl_jax.generate.paged_forward import compute_weights, paged_forward
 from prerl_jax.generate.sampler import SampleOutput, SamplingConfig, choose_tokens
 from prerl_jax.kernels.tpu import paged_attention as tpu_attention
 from prerl_jax.models.decoder import Decoder
@@ -93,8 +93,8 @@ def _prefill_program(graphdef, state, kv_pages, tokens_1xT, start, count, page_t
   model: Decoder = nnx.merge(graphdef, state)
   positions_1xT = start + jnp.arange(tokens_1xT.shape[1])[None]
   valid_1xT = jnp.arange(tokens_1xT.shape[1])[None] < count
-  _, kv_pages = paged_forward(model, kv_pages, tokens_1xT, positions_1xT, valid_1xT,
-                              page_table_1xP, attention)
+  _, kv_pages = paged_forward(model, compute_weights(model), kv_pages, tokens_1xT, positions_1xT,
+                              valid_1xT, page_table_1xP, attention)
   return kv_pages
 
 
@@ -105,6 +105,7 @@ def _decode_program(graphdef, state, kv_pages, rows: RowState, key, config: Samp
   model: Decoder = nnx.merge(graphdef, state)
   num_rows = rows.token_R.shape[0]
   stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+  weights = compute_weights(model)
 
   def choose(logits_V, sequence, count):
     token, logprob = choose_tokens(logits_V[None], jax.random.fold_in(
@@ -114,8 +115,8 @@ def _decode_program(graphdef, state, kv_pages, rows: RowState, key, config: Samp
   def body(loop):
     step, kv_pages, rows, tokens_RxK, logprobs_RxK = loop
     hidden_Rx1xD, kv_pages = paged_forward(
-        model, kv_pages, rows.token_R[:, None], rows.position_R[:, None], rows.live_R[:, None],
-        rows.page_table_RxP, attention)
+        model, weights, kv_pages, rows.token_R[:, None], rows.position_R[:, None],
+        rows.live_R[:, None], rows.page_table_RxP, attention)
     token_R, logprob_R = jax.vmap(choose)(model.logits(hidden_Rx1xD)[:, 0], rows.sequence_R,
                                           rows.count_R)
     live_R = rows.live_R
@@ -363,9 +364,8 @@ class _Run:
         self.state, self.kv_pages, rows, self.key, self.config, self.steps)
     tokens_RxK, logprobs_RxK = sharding.to_host((tokens_RxK, logprobs_RxK))
     before = self.rows["count_R"].copy()
-    self.rows.update({name: np.array(value) for name, value in
-                      sharding.to_host(
-                          {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}).items()})
+    fields = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
+    self.rows.update({name: np.array(value) for name, value in sharding.to_host(fields).items()})
     for row in range(len(self.row_group)):
       group = self.row_group[row]
       if group is None:

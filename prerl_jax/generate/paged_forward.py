@@ -11,11 +11,17 @@ from prerl_jax.models import rope
 from prerl_jax.models.decoder import Decoder, decoder_layer
 
 
-def paged_forward(model: Decoder, kv_pages, tokens_NxT, positions_NxT, valid_NxT,
+def compute_weights(model: Decoder) -> dict:
+  """The stacked layer weights in the compute dtype (cast once, outside a decode loop)."""
+  return {name: p[...].astype(model.config.compute_dtype) for name, p in model.layers.items()}
+
+
+def paged_forward(model: Decoder, weights: dict, kv_pages, tokens_NxT, positions_NxT, valid_NxT,
                   page_table_NxP, attention=gather_attention):
   """(hidden [N, T, D] after the final norm, the pool with the valid tokens written).
 
   Args:
+    weights: `compute_weights(model)`.
     kv_pages: the pool [layers, pages, page_size, 2K, H] (`page_pool`).
     tokens_NxT, positions_NxT: the new tokens and their positions in their sequences.
     valid_NxT: which tokens are real; the others write to the scratch page and their hidden
@@ -31,7 +37,6 @@ def paged_forward(model: Decoder, kv_pages, tokens_NxT, positions_NxT, valid_NxT
   def layer(carry, inputs):
     x, kv_pages = carry
     weights, index = inputs
-    weights = jax.tree.map(lambda p: p.astype(config.compute_dtype), weights)
     table_NxP = page_table_NxP + index * pages  # Pages of this layer in the flattened pool.
 
     def attend(q, k, v):
@@ -43,7 +48,6 @@ def paged_forward(model: Decoder, kv_pages, tokens_NxT, positions_NxT, valid_NxT
 
     return decoder_layer(config, x, weights, rotation, attend), None
 
-  weights = {name: p[...] for name, p in model.layers.items()}
   (x, kv_pages), _ = jax.lax.scan(layer, (model.embed_tokens(tokens_NxT), kv_pages),
                                   (weights, jnp.arange(layers)))
   return model.normalize_output(x), kv_pages

@@ -10,7 +10,7 @@ from flax import nnx
 import tiny_models
 from prerl_jax.generate import page_pool
 from prerl_jax.generate.paged_attention import gather_attention
-from prerl_jax.generate.paged_forward import paged_forward
+from prerl_jax.generate.paged_forward import compute_weights, paged_forward
 from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.decoder import Decoder, attention, positions_from_mask
 from paged_cases import random_paged_case
@@ -47,8 +47,8 @@ def test_chunked_paged_prefill_matches_forward():
     count = min(8, 13 - start)
     part[0, :count] = tokens[0, start:start + count]
     positions = start + np.arange(8)[None]
-    out, kv_pages = paged_forward(model, kv_pages, part, positions, np.arange(8)[None] < count,
-                                  table)
+    out, kv_pages = paged_forward(model, compute_weights(model), kv_pages, part, positions,
+                                  np.arange(8)[None] < count, table)
     hidden.append(out[:, :count])
   np.testing.assert_allclose(jnp.concatenate(hidden, axis=1), expected, atol=1e-5)
   untouched = np.setdiff1d(np.arange(8), table)
