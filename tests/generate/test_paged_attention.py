@@ -12,7 +12,7 @@ from prerl_jax.generate import page_pool
 from prerl_jax.generate.paged_attention import gather_attention
 from prerl_jax.generate.paged_forward import compute_weights, paged_forward
 from prerl_jax.models.config import ModelConfig
-from prerl_jax.models.decoder import Decoder, attention, positions_from_mask
+from prerl_jax.models.decoder import Decoder, positions_from_mask
 from paged_cases import random_paged_case
 
 
@@ -21,8 +21,12 @@ def test_gather_attention_matches_dense_attention():
   got = gather_attention(q, kv_pages, table, kv_lens, positions)
   slots = np.arange(keys.shape[1])
   allowed = (slots <= positions[:, :, None]) & (slots < kv_lens[:, None, None])
-  expected = attention(q, np.nan_to_num(keys).transpose(0, 2, 3, 1),
-                       np.nan_to_num(values).transpose(0, 2, 1, 3), allowed)
+  keys = np.repeat(np.nan_to_num(keys), 2, axis=2)  # Each kv head serves two query heads.
+  values = np.repeat(np.nan_to_num(values), 2, axis=2)
+  scores = np.einsum("ntqh,nsqh->nqts", q, keys) * q.shape[-1]**-0.5
+  scores = np.where(allowed[:, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  expected = np.einsum("nqts,nsqh->ntqh", probs / probs.sum(-1, keepdims=True), values)
   assert np.isfinite(np.asarray(got)).all()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
