@@ -179,15 +179,20 @@ def main(argv, as_json: bool = False):
     processes[side].start()
   results = {"setting": {k: v for k, v in vars(args).items() if k != "sides"}}
   results.update({side: {"steps": []} for side in sides})
-  for _ in range(args.steps):
-    for side in sides:  # Interleaved: ours, TRL, ours, TRL, ...
-      before = _load()
-      pipes[side].send("go")
-      record = pipes[side].recv()
-      results[side]["steps"].append(record | {"load_before": before, "load_after": _load()})
-  for side in sides:
-    results[side].update(pipes[side].recv())
-    processes[side].join()
+  try:
+    for _ in range(args.steps):
+      for side in sides:  # Interleaved: ours, TRL, ours, TRL, ...
+        before = _load()
+        pipes[side].send("go")
+        record = pipes[side].recv()
+        results[side]["steps"].append(record | {"load_before": before, "load_after": _load()})
+    for side in sides:
+      results[side].update(pipes[side].recv())
+      processes[side].join()
+  finally:  # A side that failed (or was killed) must not leave the other one waiting.
+    for process in processes.values():
+      if process.is_alive():
+        process.terminate()
   lines = []
   for side in sides:
     r = results[side]
