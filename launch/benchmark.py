@@ -1,15 +1,18 @@
-"""Benchmarks: `python launch/benchmark.py {sampler,continuous,train,rl-step,attention,rewards}
-[--json]`."""
+"""Benchmarks: `python launch/benchmark.py NAME [--json] [options]`, NAME a key of SUITES.
+
+The bodies live in the `benchmarks` package at the repository root, one module per subcommand.
+"""
 
 import argparse
 import importlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SUITES = {"sampler": "bench_sampler", "continuous": "bench_continuous", "train": "bench_train",
-          "rl-step": "bench_rl_step", "attention": "bench_attention", "rewards": "bench_rewards"}
+SUITES = {"sampler": "benchmarks.sampler", "continuous": "benchmarks.continuous",
+          "train": "benchmarks.train", "rl-step": "benchmarks.rl_step",
+          "attention": "benchmarks.attention", "rewards": "benchmarks.rewards"}
 
 
 def main():

@@ -3,7 +3,8 @@
 k samples per problem (`--config.eval.samples_per_problem`) at `--config.eval.temperature`;
 prints mean@k and unbiased pass@k for k = 1, 2, 4, ... per dataset with behaviour metrics.
 `--checkpoint=DIR` evaluates the params of an orbax checkpoint of a run (a `checkpoints/N`
-directory, or the run directory for its latest complete step) instead of the base model.
+directory, or the run directory for its latest complete step) instead of the base model; only
+the params are read (no optimizer is built). Results also go to `<run dir>/eval/`.
 """
 
 import json
@@ -29,10 +30,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv):
     logging.set_verbosity(logging.WARNING)
-  from prerl_jax.evals import evaluation  # pylint: disable=import-outside-toplevel
-  from prerl_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+  from prerl_jax.evals import evaluation
+  from prerl_jax.training.checkpointing import Checkpointer
+  from prerl_jax.training.evaluator import Evaluator
+  from prerl_jax.training.run_logging import RunLogger
   config = _CONFIG.value
-  step = 0
+  step, run_dir = 0, config.train.run_dir.format(name=config.name)
   if _CHECKPOINT.value:
     directory = os.path.abspath(_CHECKPOINT.value.rstrip("/"))
     if os.path.basename(directory).isdigit():
@@ -41,23 +46,22 @@ def main(argv):
       run_dir, step = directory, None
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
       sys.exit(f"evaluate.py: {_CHECKPOINT.value} is neither a run directory nor checkpoints/N")
-    with config.unlocked():
-      config.train.run_dir = os.path.join(run_dir, "eval")
-    run = trainer.Trainer(config)
-    run.checkpointer.close()
-    run.checkpointer = trainer.Checkpointer(os.path.join(run_dir, "checkpoints"))
-    step = run.checkpointer.latest_step() if step is None else step
-    if step is None:
-      sys.exit(f"evaluate.py: no complete checkpoint under {run_dir}/checkpoints")
-    run.state, _ = run.checkpointer.restore(step, run.state)
-  else:
-    with config.unlocked():
-      config.train.run_dir = os.path.join(config.train.run_dir.format(name=config.name), "eval")
-    run = trainer.Trainer(config)
+  evaluator = Evaluator(config)
+  logger = RunLogger(os.path.join(run_dir, "eval"))
   try:
-    results = run.evaluate(step)
+    params = nnx.state(evaluator.model)
+    if _CHECKPOINT.value:
+      checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
+      step = checkpointer.latest_step() if step is None else step
+      if step is None:
+        sys.exit(f"evaluate.py: no complete checkpoint under {run_dir}/checkpoints")
+      params = checkpointer.restore_params(step, params)
+      checkpointer.close()
+    results = evaluator.evaluate(params, step, logger,
+                                 logger.run_dir if logger.active else None)
   finally:
-    run.close()
+    logger.close()
+    evaluator.close()
   if _JSON.value:
     print(json.dumps({"step": step, "results": evaluation.results_as_dicts(results)}, indent=2))
   else:

@@ -4,19 +4,21 @@
 install block and the kernel tests. `full`: a Qwen3-1.7B-shaped model with random weights on the
 default device (one H100/H200, a few minutes); `tiny`: a 2-layer model, so the script can be
 checked on a CPU in seconds. Peaks are the chip's datasheet dense bf16 FLOP/s and HBM bandwidth
-when its kind is known (H100, H200), else the ones measured here (launch/bench_common.py).
+when its kind is known (H100, H200), else the ones measured here (benchmarks/common.py).
 
 - sampler: 32 prompts x n=8 = 256 rows, bf16 weights and compute, no stop tokens (every row
   decodes all new tokens); roofline of a decode step = (weight bytes + the KV cache it reads at
   the mean context) / HBM bandwidth.
 - train step: GRPO (conditional) on random tokens, float32 params and Adam, bf16 compute, remat;
-  MFU = model FLOPs (3 x the forward's matmuls, launch/bench_train.py) / time / bf16 peak.
+  MFU = model FLOPs (3 x the forward's matmuls, benchmarks/train.py) / time / bf16 peak.
 - RL step: sample, score (a length reward on the host, in place of a math verifier) and update,
   as the trainer runs them, float32 params and bf16 compute; the second step is timed.
 """
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
@@ -24,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import bench_common
-import bench_train
-from prerl_jax.generate.sampler import Sampler, SamplingConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common as bench_common, train as bench_train  # noqa: E402
+from prerl_jax.generate.sampler import Sampler, SamplingConfig  # noqa: E402
 from prerl_jax.models import presets
 from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.loading import random_model
 from prerl_jax.rl import train_step
+from prerl_jax.rl.batch import from_samples
 from prerl_jax.rl.objective import get_objective
 
 # Datasheet peaks by device kind: (dense bf16 FLOP/s, HBM bytes/s).
@@ -136,8 +140,7 @@ def rl_step_check(size: dict) -> dict:
     times["sample_s"] = time.perf_counter() - start
     start = time.perf_counter()
     rewards = (out.lengths_N > np.median(out.lengths_N)).astype(np.float32)
-    batch = train_step.rollout_batch(out.prompt_tokens_NxP, out.prompt_mask_NxP.sum(axis=1),
-                                     out.tokens_NxM, out.lengths_N, out.logprobs_NxM, rewards)
+    batch = from_samples(out, rewards)
     times["score_s"] = time.perf_counter() - start
     start = time.perf_counter()
     state, metrics = step(state, batch)

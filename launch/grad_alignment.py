@@ -17,13 +17,14 @@ import os
 import sys
 
 import jax
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs  # noqa: E402
 from prerl_jax.rl import grad_alignment  # noqa: E402
+from prerl_jax.rl.batch import RolloutBatch, from_samples, from_token_lists  # noqa: E402
+from prerl_jax.sharding import to_host  # noqa: E402
 from prerl_jax.models.loading import load_model  # noqa: E402
 from prerl_jax.data.prompts import PromptConfig, encode_prompt  # noqa: E402
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch  # noqa: E402
@@ -72,7 +73,7 @@ def question_prompts(tokenizer, args) -> list[list[int]]:
     data.close()
 
 
-def build_batch(model, tokenizer, args) -> dict:
+def build_batch(model, tokenizer, args) -> RolloutBatch:
   """Prompt and response arrays, from the JSONL file or sampled by the model."""
   pad = tokenizer.pad_token_id
   if args.jsonl:
@@ -82,18 +83,13 @@ def build_batch(model, tokenizer, args) -> dict:
     responses = [tokenizer.encode(r, add_special_tokens=False) for _, r in pairs]
     if any(not r for r in responses):
       raise ValueError(f"{args.jsonl}: a response tokenizes to nothing")
-    prompt_tokens, prompt_mask = grad_alignment.left_pad(prompts, pad)
-    response_tokens, response_mask = grad_alignment.right_pad(responses, pad)
-  else:
-    config = SamplingConfig.from_tokenizer(
-        tokenizer, args.max_new_tokens, greedy=args.temperature == 0,
-        temperature=args.temperature or 1.0, n=args.samples_per_prompt)
-    tokens, mask = prompt_batch(question_prompts(tokenizer, args), config)
-    out = Sampler(model).sample(nnx.state(model), tokens, mask, jax.random.key(args.seed), config)
-    prompt_tokens, prompt_mask = np.asarray(out.prompt_tokens_NxP), np.asarray(out.prompt_mask_NxP)
-    response_tokens, response_mask = np.asarray(out.tokens_NxM), np.asarray(out.response_mask_NxM)
-  return {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
-          "response_tokens": response_tokens, "response_mask": response_mask}
+    return from_token_lists(prompts, responses, pad)
+  config = SamplingConfig.from_tokenizer(
+      tokenizer, args.max_new_tokens, greedy=args.temperature == 0,
+      temperature=args.temperature or 1.0, n=args.samples_per_prompt)
+  tokens, mask = prompt_batch(question_prompts(tokenizer, args), config)
+  out = Sampler(model).sample(nnx.state(model), tokens, mask, jax.random.key(args.seed), config)
+  return from_samples(to_host(out))
 
 
 def main():
@@ -115,7 +111,7 @@ def main():
   batch = build_batch(model, tokenizer, args)
   result = grad_alignment.alignment(model, batch, chat_turn_start_id(tokenizer),
                                     temperature=args.temperature or 1.0)
-  summary = grad_alignment.summarize(result, batch["response_mask"])
+  summary = grad_alignment.summarize(result, batch.response_mask)
   if args.json:
     print(json.dumps({"summary": summary, "inner": result["inner"].tolist(),
                       "cosine": result["cosine"].tolist()}, indent=2))

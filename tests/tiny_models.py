@@ -4,6 +4,8 @@ import numpy as np
 import torch
 import transformers
 
+from prerl_jax.data import padding
+
 TINY_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -42,13 +44,7 @@ def save_hf_model(family: str, directory, seed: int = 0) -> str:
 def left_padded_batch(vocab_size: int, lengths=(7, 4, 9), seed: int = 0):
   """(tokens, mask) numpy int32/bool arrays, left-padded to the longest length with id 0."""
   rng = np.random.default_rng(seed)
-  width = max(lengths)
-  tokens = np.zeros((len(lengths), width), np.int32)
-  mask = np.zeros((len(lengths), width), bool)
-  for row, length in enumerate(lengths):
-    tokens[row, width - length:] = rng.integers(3, vocab_size, length)
-    mask[row, width - length:] = True
-  return tokens, mask
+  return padding.left_pad([rng.integers(3, vocab_size, length) for length in lengths], 0)
 
 
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:

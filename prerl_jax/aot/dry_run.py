@@ -47,6 +47,7 @@ from prerl_jax.models import presets
 from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.decoder import Decoder
 from prerl_jax.rl import train_step
+from prerl_jax.rl.batch import RolloutBatch
 from prerl_jax.rl.objective import CONDITIONAL, MARGINAL
 from prerl_jax.rl.schedule import schedule_from_config
 
@@ -209,16 +210,16 @@ def _with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-def _batch(rows: int, prompt_len: int, response_len: int, mesh) -> dict:
+def _batch(rows: int, prompt_len: int, response_len: int, mesh) -> RolloutBatch:
   shapes = {"prompt_tokens": ((rows, prompt_len), jnp.int32),
             "prompt_mask": ((rows, prompt_len), jnp.bool_),
             "response_tokens": ((rows, response_len), jnp.int32),
             "response_mask": ((rows, response_len), jnp.bool_),
             "sampler_logp": ((rows, response_len), jnp.float32),
             "rewards": ((rows,), jnp.float32)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype,
-                                  sharding=sharding.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in shapes.items()}
+  return RolloutBatch(**{k: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+      for k, (shape, dtype) in shapes.items()})
 
 
 def model_config_for(config: ml_collections.ConfigDict,

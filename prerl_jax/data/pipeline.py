@@ -13,17 +13,14 @@ import grain
 import jax
 import numpy as np
 
-from prerl_jax.data import datasets
+from prerl_jax.data import datasets, padding
 from prerl_jax.data import prompts
 
 
 def collate(problems: list[datasets.Problem], encoded: list[prompts.EncodedPrompt], pad_id: int,
             width: int) -> dict[str, Any]:
   """A batch: left-padded prompt ids [B, width], lengths, truncation flags and the problems."""
-  ids_BxL = np.full((len(encoded), width), pad_id, np.int32)
-  for row, prompt in enumerate(encoded):
-    if prompt.ids:
-      ids_BxL[row, -len(prompt.ids):] = prompt.ids
+  ids_BxL, _ = padding.left_pad([p.ids for p in encoded], pad_id, width)
   return {
       "prompt_ids": ids_BxL,
       "prompt_lengths": np.array([len(p.ids) for p in encoded], np.int32),

@@ -34,13 +34,13 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from prerl_jax.kernels.cpu import attention as cpu_attention, library as cpu_kernels, matmul as cpu_matmul, norm as cpu_norm
+from prerl_jax.data import padding
 from prerl_jax.models import rope
 from prerl_jax import sharding
 from prerl_jax.generate.decode import block_shapes, block_sharding, decode_step, write_and_attend
 from prerl_jax.models.decoder import Decoder, LayerOps, positions_from_mask
 from prerl_jax.models.tokenizer import stop_token_ids
 
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 # A decode of M new tokens runs as min(4, M // 64) (at least 1) while_loops, each writing its own
 # cache block and attending only over the blocks filled so far; short decodes use one loop and
 # compile faster.
@@ -60,7 +60,7 @@ class SamplingConfig:
   top_p: float = 1.0  # 1: no nucleus truncation.
   greedy: bool = False
   n: int = 1  # Samples per prompt.
-  prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  prompt_buckets: tuple[int, ...] = padding.PROMPT_BUCKETS
 
   def __post_init__(self):
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -88,11 +88,8 @@ class SamplingConfig:
 
   def bucket(self, prompt_length: int) -> int:
     """The smallest prompt bucket that holds a prompt of this many tokens."""
-    for bucket in self.prompt_buckets:
-      if prompt_length <= bucket:
-        return bucket
-    raise ValueError(f"prompt of {prompt_length} tokens is longer than the largest prompt bucket "
-                     f"{self.prompt_buckets[-1]} (SamplingConfig.prompt_buckets)")
+    return padding.bucket(prompt_length, self.prompt_buckets,
+                          "prompt bucket (SamplingConfig.prompt_buckets)")
 
 
 @struct.dataclass
@@ -129,13 +126,7 @@ def prompt_batch(prompts: Sequence[Sequence[int]], config: SamplingConfig,
   for row, ids in enumerate(prompts):
     if not len(ids):
       raise ValueError(f"prompt {row} is empty")
-  width = config.bucket(max(map(len, prompts)))
-  tokens = np.full((len(prompts), width), config.pad_id, np.int32)
-  mask = np.zeros((len(prompts), width), bool)
-  for row, ids in enumerate(prompts):
-    tokens[row, width - len(ids):] = ids
-    mask[row, width - len(ids):] = True
-  return tokens, mask
+  return padding.left_pad(prompts, config.pad_id, config.bucket(max(map(len, prompts))))
 
 
 # Sampling picks a block of this many vocabulary entries, then a token inside it.

@@ -12,32 +12,15 @@ from flax import nnx
 
 from prerl_jax.rl import scoring
 from prerl_jax.models.decoder import Decoder
+from prerl_jax.rl.batch import RolloutBatch
 
 EARLY_TOKENS = 8  # The summary compares the first EARLY_TOKENS response tokens with the rest.
 
 
-def left_pad(rows: list[list[int]], pad_id: int):
-  """(tokens_BxP int32, mask_BxP bool) of token lists, left-padded to the longest."""
-  width = max(len(r) for r in rows)
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, width - len(row):] = row
-  return tokens, np.arange(width)[None] >= width - np.array([len(r) for r in rows])[:, None]
-
-
-def right_pad(rows: list[list[int]], pad_id: int):
-  """(tokens_BxR int32, mask_BxR bool) of token lists, right-padded to the longest."""
-  width = max(len(r) for r in rows)
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
-  return tokens, np.arange(width)[None] < np.array([len(r) for r in rows])[:, None]
-
-
-def alignment(model: Decoder, batch: dict, bos_id: int, temperature=1.0) -> dict[str, np.ndarray]:
+def alignment(model: Decoder, batch: RolloutBatch, bos_id: int, temperature=1.0) -> dict[str, np.ndarray]:
   """Per-sample gradient alignment of summed log P(y) (marginal) and log P(y|x) (conditional).
 
-  batch: `prerl_jax.rl.scoring` keys. Gradients are over all parameters, one sample at a time (two
+  Gradients are over all parameters, one sample at a time (two
   parameter-sized gradients live at once). Returns numpy arrays: inner_B, cosine_B,
   conditional_norm_B, marginal_norm_B, and the per-token conditional_logp_BxR, marginal_logp_BxR
   (0 at padding).
@@ -65,9 +48,7 @@ def alignment(model: Decoder, batch: dict, bos_id: int, temperature=1.0) -> dict
             "conditional_norm": conditional_norm, "marginal_norm": marginal_norm,
             "conditional_logp": conditional_R, "marginal_logp": marginal_R}
 
-  keys = ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")
-  rows = [one(params, {k: jnp.asarray(batch[k][i:i + 1]) for k in keys})
-          for i in range(len(batch["response_tokens"]))]
+  rows = [one(params, batch.rows(i, i + 1)) for i in range(batch.num_rows)]
   return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
 
 

@@ -6,9 +6,8 @@ One function scores both spaces; the static `conditional` picks the layout:
                      positions and attention from the masks.
   conditional=False  [BOS][response]: log P(y). The prompt is absent, positions start at 0.
 
-Batch keys: `prompt_tokens` (B, P) int, `prompt_mask` (B, P) bool, `response_tokens` (B, R) int,
-`response_mask` (B, R) bool, and optionally `bos_id` (an int, () or (B,)) for the marginal BOS;
-`prerl_jax.models.tokenizer.chat_turn_start_id` gives the reference's choice (`<|im_start|>`).
+The batch is a `prerl_jax.rl.batch.RolloutBatch`; the marginal BOS is an argument
+(`prerl_jax.models.tokenizer.chat_turn_start_id` gives the reference's choice, `<|im_start|>`).
 
 Log-probs are of softmax(logits / temperature), as the sampler records them before top-k/top-p.
 The vocabulary projection runs in chunks along the response under `jax.checkpoint`, so neither
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prerl_jax.models.decoder import Decoder, positions_from_mask
+from prerl_jax.rl.batch import RolloutBatch
 
 DEFAULT_CHUNK_SIZE = 128
 
@@ -59,31 +59,28 @@ def token_logprobs(model: Decoder, hidden_BxRxD, targets_BxR, temperature=1.0,
   return unchunk(logp_NxBxC), unchunk(entropy_NxBxC)
 
 
-def _context(batch: dict, conditional: bool, bos_id):
+def _context(batch: RolloutBatch, conditional: bool, bos_id):
   """The tokens before the response, and their mask: the prompt, or a single BOS."""
   if conditional:
-    return jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"], bool)
+    return jnp.asarray(batch.prompt_tokens), jnp.asarray(batch.prompt_mask, bool)
   if bos_id is None:
-    if "bos_id" not in batch:
-      raise ValueError("marginal scoring needs a BOS id: pass bos_id= or set batch['bos_id'] "
-                       "(tokenizer.chat_turn_start_id gives the reference's <|im_start|>)")
-    bos_id = batch["bos_id"]
-  num_rows = batch["response_tokens"].shape[0]
-  bos_B = jnp.broadcast_to(jnp.asarray(bos_id, jnp.int32), (num_rows,))
-  return bos_B[:, None], jnp.ones((num_rows, 1), bool)
+    raise ValueError("marginal scoring needs a BOS id: pass bos_id= "
+                     "(tokenizer.chat_turn_start_id gives the reference's <|im_start|>)")
+  bos_B = jnp.broadcast_to(jnp.asarray(bos_id, jnp.int32), (batch.num_rows,))
+  return bos_B[:, None], jnp.ones((batch.num_rows, 1), bool)
 
 
-def response_logprobs(model: Decoder, batch: dict, conditional: bool, temperature=1.0,
+def response_logprobs(model: Decoder, batch: RolloutBatch, conditional: bool, temperature=1.0,
                       bos_id=None, chunk_size: int | None = DEFAULT_CHUNK_SIZE):
   """(logp_BxR, entropy_BxR) of the response tokens, 0 at response padding.
 
   conditional: True scores log P(y|x) (`[prompt][response]`), False log P(y)
     (`[BOS][response]`, positions from 0). Every prompt row needs at least one real token.
-  bos_id: the marginal BOS (overrides batch['bos_id']); unused when conditional.
+  bos_id: the marginal BOS (an int, () or (B,)); unused when conditional.
   """
   context_BxC, context_mask_BxC = _context(batch, conditional, bos_id)
-  response_BxR = jnp.asarray(batch["response_tokens"], jnp.int32)
-  response_mask_BxR = jnp.asarray(batch["response_mask"], bool)
+  response_BxR = jnp.asarray(batch.response_tokens, jnp.int32)
+  response_mask_BxR = jnp.asarray(batch.response_mask, bool)
   # The last response token predicts nothing, so it is not fed.
   tokens_BxT = jnp.concatenate([context_BxC.astype(jnp.int32), response_BxR[:, :-1]], axis=1)
   mask_BxT = jnp.concatenate([context_mask_BxC, response_mask_BxR[:, :-1]], axis=1)
@@ -96,7 +93,7 @@ def response_logprobs(model: Decoder, batch: dict, conditional: bool, temperatur
 
 
 @functools.partial(nnx.jit, static_argnames=("conditional", "chunk_size"))
-def score(model: Decoder, batch: dict, conditional: bool, temperature=1.0, bos_id=None,
+def score(model: Decoder, batch: RolloutBatch, conditional: bool, temperature=1.0, bos_id=None,
           chunk_size: int | None = DEFAULT_CHUNK_SIZE):
   """Jitted `response_logprobs` (conditional and chunk_size are static)."""
   return response_logprobs(model, batch, conditional, temperature, bos_id, chunk_size)

@@ -1,17 +1,7 @@
 """The pure train step: TrainState, AdamW, micro-batch gradient accumulation, phase switches.
 
-One batch is one rollout batch of B = num_prompts * group_size responses (each group's responses
-consecutive). Keys, all with the batch as the first axis:
-
-  prompt_tokens   (B, P) int32   left-padded prompt ids (every row with at least one real token)
-  prompt_mask     (B, P) bool
-  response_tokens (B, R) int32   right-padded sampled ids (the stop token included)
-  response_mask   (B, R) bool
-  sampler_logp    (B, R) float32 the sampler's log-softmax(logits / temperature) of each sampled
-                                 token (conditional space; only feeds the mismatch metrics)
-  rewards         (B,)   float32
-  old_logp        optional {space: (B, R) float32}: the behaviour policy's log-probs for several
-                                 updates per rollout; absent means on-policy (ratio == 1).
+One batch is one `prerl_jax.rl.batch.RolloutBatch` of B = num_prompts * group_size responses
+(each group's responses consecutive).
 
 `make_train_step` jits `train_step(state, batch) -> (state, metrics)` once per objective; the
 trainer calls `enter_phase` at a schedule's switch step before the new phase's first step.
@@ -29,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prerl_jax.rl import objective as oc
 from prerl_jax.rl import losses as objectives, scoring
 from prerl_jax import sharding
+from prerl_jax.rl.batch import RolloutBatch
 from prerl_jax.rl.objective import CONDITIONAL, MARGINAL, Objective
 from prerl_jax.rl.schedule import Phase
 
@@ -101,26 +92,6 @@ def enter_phase(state: TrainState, phase: Phase, optimizer) -> TrainState:
   return state
 
 
-def rollout_batch(prompt_ids_BxP, prompt_lengths_B, response_ids_BxR, response_lengths_B,
-                  sampler_logp_BxR, rewards_B) -> dict:
-  """A train-step batch from left-padded prompts, right-padded responses and their lengths.
-
-  Rows are responses (each prompt repeated once per response of its group, groups consecutive).
-  """
-  prompt_ids_BxP = jnp.asarray(prompt_ids_BxP, jnp.int32)
-  response_ids_BxR = jnp.asarray(response_ids_BxR, jnp.int32)
-  prompt_len, response_len = prompt_ids_BxP.shape[1], response_ids_BxR.shape[1]
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B)[:, None]
-  return {
-      "prompt_tokens": prompt_ids_BxP,
-      "prompt_mask": jnp.arange(prompt_len)[None] >= prompt_len - prompt_lengths_B,
-      "response_tokens": response_ids_BxR,
-      "response_mask": jnp.arange(response_len)[None] < jnp.asarray(response_lengths_B)[:, None],
-      "sampler_logp": jnp.asarray(sampler_logp_BxR, jnp.float32),
-      "rewards": jnp.asarray(rewards_B, jnp.float32),
-  }
-
-
 def _other_space(objective: Objective):
   """The space the objective does not train in, or None when it trains in both."""
   if objective.space == "both":
@@ -128,8 +99,9 @@ def _other_space(objective: Objective):
   return MARGINAL if objective.space == CONDITIONAL else CONDITIONAL
 
 
-def micro_batch_loss(graphdef, params, batch: dict, advantages: dict,
-                     denominators: oc.Denominators, objective: Objective, *, bos_id=None, temperature=1.0,
+def micro_batch_loss(graphdef, params, batch: RolloutBatch, advantages: dict,
+                     denominators: oc.Denominators, objective: Objective, *, bos_id=None,
+                     temperature=1.0,
                      chunk_size=scoring.DEFAULT_CHUNK_SIZE, reference=None,
                      other_space_metrics: bool = False):
   """(loss, (metric_sums, max_abs_sampler_diff)) of one micro-batch, to differentiate in params.
@@ -151,8 +123,8 @@ def micro_batch_loss(graphdef, params, batch: dict, advantages: dict,
                        "state with init_train_state(..., with_reference=True)")
     ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(reference))
     ref_logp = {s: score(ref_model, batch, s == CONDITIONAL)[0] for s in objective.kl_spaces}
-  mask_BxR = jnp.asarray(batch["response_mask"], jnp.float32)
-  loss, sums = oc.objective_loss(objective, logp, batch.get("old_logp"), advantages, mask_BxR,
+  mask_BxR = jnp.asarray(batch.response_mask, jnp.float32)
+  loss, sums = oc.objective_loss(objective, logp, batch.old_logp, advantages, mask_BxR,
                                  ref_logp=ref_logp, entropy=entropy, denominators=denominators)
   other = _other_space(objective)
   if other_space_metrics and other is not None:
@@ -162,7 +134,7 @@ def micro_batch_loss(graphdef, params, batch: dict, advantages: dict,
   max_diff = jnp.zeros((), jnp.float32)
   if CONDITIONAL in logp:
     trainer_BxR = jax.lax.stop_gradient(logp[CONDITIONAL])
-    diff_BxR = jnp.asarray(batch["sampler_logp"], jnp.float32) - trainer_BxR
+    diff_BxR = jnp.asarray(batch.sampler_logp, jnp.float32) - trainer_BxR
     sums["sampler/abs_logp_diff"] = objectives.masked_sum_count(jnp.abs(diff_BxR), mask_BxR)
     sums["sampler/approx_kl"] = objectives.masked_sum_count(diff_BxR, mask_BxR)
     max_diff = jnp.max(jnp.where(mask_BxR > 0, jnp.abs(diff_BxR), 0.0))
@@ -186,7 +158,7 @@ def _micro_batches(tree, micro_batches: int, mesh: Mesh | None):
   return jax.tree.map(split, tree)
 
 
-def accumulate_gradients(graphdef, params, batch: dict, objective: Objective, *, group_size: int,
+def accumulate_gradients(graphdef, params, batch: RolloutBatch, objective: Objective, *, group_size: int,
                          micro_batches: int = 1, mesh: Mesh | None = None, **loss_options):
   """Full-batch (grads, loss, metric_sums, max_abs_sampler_diff), summed over micro-batches.
 
@@ -194,9 +166,8 @@ def accumulate_gradients(graphdef, params, batch: dict, objective: Objective, *,
   equals the full-batch loss and gradient. Gradients accumulate in float32. loss_options:
   `micro_batch_loss`'s keyword arguments.
   """
-  advantages = oc.advantages_for(objective, batch["rewards"], group_size)
-  denominators = oc.batch_denominators(objective, advantages, batch["response_mask"])
-  rows = {k: v for k, v in batch.items() if k != "rewards"}
+  advantages = oc.advantages_for(objective, batch.rewards, group_size)
+  denominators = oc.batch_denominators(objective, advantages, batch.response_mask)
   grad_fn = jax.value_and_grad(micro_batch_loss, argnums=1, has_aux=True)
 
   def one(grads, micro):
@@ -207,11 +178,11 @@ def accumulate_gradients(graphdef, params, batch: dict, objective: Objective, *,
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   grads, (losses, (sums, max_diffs)) = jax.lax.scan(
-      one, zeros, _micro_batches((rows, advantages), micro_batches, mesh))
+      one, zeros, _micro_batches((batch, advantages), micro_batches, mesh))
   return grads, losses.sum(), jax.tree.map(jnp.sum, sums), max_diffs.max()
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, objective: Objective, optimizer,
+def train_step(state: TrainState, batch: RolloutBatch, *, graphdef, objective: Objective, optimizer,
                group_size: int, micro_batches: int = 1, mesh: Mesh | None = None,
                **loss_options):
   """One optimizer step on one rollout batch; a non-finite loss or gradient skips the update."""
@@ -236,8 +207,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, objective: Objective
       "grad_norm": grad_norm,
       "update_skipped": (~finite).astype(jnp.float32),
       "skipped_updates": skipped,
-      "tokens/prompt": jnp.sum(batch["prompt_mask"].astype(jnp.float32)),
-      "tokens/response": jnp.sum(batch["response_mask"].astype(jnp.float32)),
+      "tokens/prompt": jnp.sum(batch.prompt_mask.astype(jnp.float32)),
+      "tokens/response": jnp.sum(batch.response_mask.astype(jnp.float32)),
   })
   for space in objective.spaces:
     metrics[f"{space}/kept_tokens"] = sums[f"{space}/clip_frac"][1]

@@ -9,6 +9,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+def _abstract(tree):
+  """ShapeDtypeStructs (with shardings where the leaves have them) of a pytree's leaves."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
 class Checkpointer:
   """Saves and restores {'state': pytree of arrays, 'data': JSON-serialisable dict} by step."""
 
@@ -28,12 +35,17 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """(state, data_state) of `step`, placed with the shardings of `abstract_state`'s leaves."""
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_abstract(abstract_state)), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+  def restore_params(self, step: int, abstract_params):
+    """The train state's params alone at `step` (no optimizer state or data state is read),
+    placed with the shardings of `abstract_params`' leaves."""
+    target = {"params": _abstract(abstract_params)}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, partial_restore=True)))
+    return restored["state"]["params"]
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""

@@ -4,8 +4,6 @@ Every host runs the same loop over the same global batch (read by each host, so 
 another's data); devices receive only their shards. Only process 0 writes logs.
 """
 
-import dataclasses
-import json
 import logging
 import os
 import resource
@@ -18,21 +16,19 @@ import tqdm
 from flax import nnx
 
 from prerl_jax.evals import behaviour, evaluation
-from prerl_jax.training import caches
-from prerl_jax.data import pipeline as data_pipeline, prompts
+from prerl_jax.data import padding, pipeline as data_pipeline
 from prerl_jax import sharding
 from prerl_jax.errors import UserError
+from prerl_jax.data.task_data import data_files
+from prerl_jax.rl.schedule import schedule_from_config
 from prerl_jax.training.checkpointing import Checkpointer
 from prerl_jax.models.export import export_hf
-from prerl_jax.models.loading import load_model
 from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
-from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
-from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
-from prerl_jax.data.task_data import data_files, load_task_data
+from prerl_jax.generate.sampler import prompt_batch
+from prerl_jax.training.evaluator import Evaluator
 from prerl_jax.models.tokenizer import chat_turn_start_id
-from prerl_jax.rl.schedule import schedule_from_config
+from prerl_jax.rl.batch import from_samples
 from prerl_jax.rl.train_step import enter_phase, init_train_state, make_optimizer, make_train_step
-
 
 def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
   """Fails early, naming the config keys, when a batch does not split over the devices."""
@@ -60,50 +56,20 @@ def check_train_fills_a_step(config: ml_collections.ConfigDict, num_problems: in
                     f"step's rollout.prompts_per_step = {prompts_per_step}")
 
 
-def response_width(longest: int, max_new_tokens: int, smallest: int = 32) -> int:
-  """Response columns the update needs: the longest response rounded up to smallest * 2**i.
-
-  Capped at max_new_tokens, so a run compiles at most log2(max_new_tokens / smallest) + 1 update
-  programs, and an update never pays for the padding of a batch whose responses all ended early.
-  """
-  width = smallest
-  while width < longest:
-    width *= 2
-  return min(width, max_new_tokens)
-
-
-ROLLOUT_ENGINES = ("static", "continuous")
-
-
-def rollout_sampler(model, mesh, rollout: ml_collections.ConfigDict):
-  """The sampler `rollout.engine` names: `Sampler`, or `ContinuousSampler` over a page pool."""
-  if rollout.engine not in ROLLOUT_ENGINES:
-    raise ValueError(f"rollout.engine={rollout.engine!r}: expected one of {ROLLOUT_ENGINES}")
-  if rollout.engine == "static":
-    return Sampler(model, mesh)
-  pool = PoolConfig(rows=rollout.live_rows, page_size=rollout.page_size,
-                    kv_cache_gib=rollout.kv_cache_gib or None, chunk_steps=rollout.chunk_steps)
-  return ContinuousSampler(model, pool, mesh)
-
-
 class Trainer:
   """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    if config.train.compilation_cache:
-      caches.enable_compilation_cache()
     self.run_dir = config.train.run_dir.format(name=config.name)
     self.mesh = sharding.make_mesh(**config.mesh)
     check_batch_sizes(config, sharding.batch_devices(self.mesh))
     self.schedule = schedule_from_config(config.objective)
     data_files(config.data)  # A missing data file fails here, before the model loads.
-    model_cfg = config.model
-    self.model, self.tokenizer = load_model(
-        model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,
-        param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
-        attention=model_cfg.attention)
-    self.data = load_task_data(config.data, config.reward)
+    self.evaluator = Evaluator(config, self.mesh)
+    self.model, self.tokenizer = self.evaluator.model, self.evaluator.tokenizer
+    self.data, self.sampler, self.sampling = (self.evaluator.data, self.evaluator.sampler,
+                                              self.evaluator.sampling)
     check_train_fills_a_step(config, len(self.data.train))
     self.optimizer = make_optimizer(config.optim.learning_rate, config.optim.weight_decay,
                                     config.optim.grad_clip, config.optim.b1, config.optim.b2)
@@ -111,11 +77,6 @@ class Trainer:
     self.graphdef, self.state = init_train_state(self.model, self.optimizer,
                                                  seed=config.train.seed,
                                                  with_reference=kl_on, mesh=self.mesh)
-    rollout = config.rollout
-    self.sampler = rollout_sampler(self.model, self.mesh, rollout)
-    self.sampling = SamplingConfig.from_tokenizer(
-        self.tokenizer, rollout.max_new_tokens, temperature=rollout.temperature,
-        top_k=rollout.top_k, top_p=rollout.top_p, n=rollout.group_size)
     bos = config.model.marginal_bos_id
     self.bos_id = bos if bos >= 0 else chat_turn_start_id(self.tokenizer)
     self._steps = {}
@@ -124,9 +85,6 @@ class Trainer:
     self.logger = RunLogger(self.run_dir)
 
   # -- pieces of a step ---------------------------------------------------------------------
-
-  def _encode(self, problem):
-    return prompts.encode_prompt(self.tokenizer, problem.messages, self.data.prompt_config)
 
   def _train_step_for(self, objective, both_spaces: bool):
     if (objective, both_spaces) not in self._steps:
@@ -137,51 +95,14 @@ class Trainer:
           mesh=self.mesh, state=self.state)
     return self._steps[objective, both_spaces]
 
-  def _decode(self, tokens_NxM, lengths_N) -> list[str]:
-    return [self.tokenizer.decode(row[:length], skip_special_tokens=True)
-            for row, length in zip(tokens_NxM, lengths_N)]
-
-  def _generate(self, sampling: SamplingConfig, key):
-    """An evaluation.Generate over the current params (a fixed key for comparable evals)."""
-    def generate(prompt_ids, n):
-      config = dataclasses.replace(sampling, n=n)
-      tokens, mask = sharding.shard_batch(prompt_batch(prompt_ids, config), self.mesh)
-      out = sharding.to_host(self.sampler.sample(self.state.params, tokens, mask, key, config))
-      texts = self._decode(out.tokens_NxM, out.lengths_N)
-      return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
-    return generate
-
-  def _eval_sampling(self) -> SamplingConfig:
-    ev = self.config.eval
-    return dataclasses.replace(self.sampling, max_new_tokens=ev.max_new_tokens,
-                               temperature=ev.temperature)
-
   def sample_responses(self, problems, n: int = 1, seed: int = 0) -> list[list[str]]:
     """n responses to each problem from the current params, with the evaluation settings."""
-    generate = self._generate(self._eval_sampling(), jax.random.key(seed))
-    return generate([self._encode(p).ids for p in problems], n)
+    return self.evaluator.sample_responses(self.state.params, problems, n, seed)
 
   def evaluate(self, step: int) -> list[evaluation.DatasetResult]:
     """Evaluates every eval set on the current params; logs `eval/<set>/...` at `step`."""
-    ev = self.config.eval
-    generate = self._generate(self._eval_sampling(),
-                              jax.random.key(self.config.train.seed + 10_000))
-    results = []
-    for name, problems in self.data.eval_sets:
-      result = evaluation.evaluate_dataset(
-          name, problems, generate, self.data.scorer, self._encode,
-          samples_per_problem=ev.samples_per_problem,
-          count_tokens=lambda s: len(self.tokenizer.encode(s, add_special_tokens=False)),
-          max_response_tokens=ev.max_new_tokens, prompts_per_call=ev.prompts_per_call)
-      results.append(result)
-      scalars = {f"eval/{name}/mean@{result.samples_per_problem}": result.mean_at_n}
-      scalars.update({f"eval/{name}/pass@{k}": v for k, v in result.pass_at_k.items()})
-      scalars.update({f"eval/{name}/{k}": v for k, v in result.behaviour.items()})
-      self.logger.write(step, scalars)
-    if self.logger.active:
-      with open(os.path.join(self.run_dir, f"eval_step_{step}.json"), "w") as f:
-        json.dump(evaluation.results_as_dicts(results), f, indent=2)
-    return results
+    return self.evaluator.evaluate(self.state.params, step, self.logger,
+                                   self.run_dir if self.logger.active else None)
 
   # -- the loop -----------------------------------------------------------------------------
 
@@ -191,7 +112,7 @@ class Trainer:
     steps_per_epoch = max(1, len(self.data.train) // cfg.rollout.prompts_per_step)
     epochs = -(-cfg.train.steps // steps_per_epoch)
     batches = data_pipeline.prompt_batches(
-        self.data.train, self._encode, global_batch_size=cfg.rollout.prompts_per_step,
+        self.data.train, self.evaluator.encode, global_batch_size=cfg.rollout.prompts_per_step,
         num_epochs=epochs, seed=cfg.data.seed, pad_id=self.tokenizer.pad_token_id,
         max_prompt_tokens=cfg.data.max_prompt_length, process_index=0, process_count=1)
     return data_pipeline.resumable_iterator(batches)
@@ -223,22 +144,17 @@ class Trainer:
     times["time/sample"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    texts = self._decode(out.tokens_NxM, lengths_N)
+    texts = self.evaluator.decode(out.tokens_NxM, lengths_N)
     group = cfg.rollout.group_size
     problems = [p for p in batch["problems"] for _ in range(group)]
     scored = self.data.scorer(texts, problems)
     rewards_N = np.asarray(scored.rewards, np.float32)
     times["time/score"] = time.perf_counter() - start
 
-    width = response_width(int(lengths_N.max()), out.tokens_NxM.shape[1])
-    train_batch = sharding.shard_batch({
-        "prompt_tokens": out.prompt_tokens_NxP,
-        "prompt_mask": out.prompt_mask_NxP,
-        "response_tokens": out.tokens_NxM[:, :width],
-        "response_mask": np.arange(width) < lengths_N[:, None],
-        "sampler_logp": out.logprobs_NxM[:, :width],
-        "rewards": rewards_N,
-    }, self.mesh)
+    # The update's response columns: a doubling bucket, so a run compiles few update programs.
+    width = padding.doubling_bucket(int(lengths_N.max()), out.tokens_NxM.shape[1])
+    train_batch = sharding.shard_batch(from_samples(out, rewards_N, response_width=width),
+                                       self.mesh)
     host = {
         "reward/mean": float(rewards_N.mean()),
         "reward/accuracy": float((rewards_N >= 1.0).mean()),
@@ -318,4 +234,4 @@ class Trainer:
   def close(self) -> None:
     self.checkpointer.close()
     self.logger.close()
-    self.data.close()
+    self.evaluator.close()

@@ -9,6 +9,7 @@ import configs
 from prerl_jax import sharding
 from prerl_jax.aot import dry_run, report as report_lib, targets
 from prerl_jax.generate import sampler as sampler_lib
+from prerl_jax.rl.batch import rollout_batch
 from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.loading import random_model
 from prerl_jax.rl import train_step
@@ -133,7 +134,7 @@ def test_real_train_step_matches_the_simulated_prediction():
   assert dry_run.per_device_bytes(state.params) == report["bytes_per_chip"]["params"]
   assert dry_run.per_device_bytes(state.opt_state) == report["bytes_per_chip"]["opt_state"]
   rows, rng = 32, np.random.default_rng(0)
-  batch = sharding.shard_batch(train_step.rollout_batch(
+  batch = sharding.shard_batch(rollout_batch(
       rng.integers(3, 128, (rows, 64)), rng.integers(1, 64, rows),
       rng.integers(3, 128, (rows, 16)), rng.integers(1, 17, rows),
       np.full((rows, 16), -4.8, np.float32), np.tile([1.0, 0.0, 0.0, 1.0], rows // 4)), mesh)

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from prerl_jax.rl import grad_alignment, scoring
+from prerl_jax.rl.batch import from_token_lists
 from prerl_jax.models.loading import random_model
 from prerl_jax.models.config import ModelConfig
 
@@ -21,17 +22,14 @@ def model():
 
 
 def test_alignment_matches_explicit_gradients(model):
-  prompt_tokens, prompt_mask = grad_alignment.left_pad([[BOS], [7, 8, 9, 10]], 0)
-  response_tokens, response_mask = grad_alignment.right_pad([[20, 21, 22], [30, 31, 32, 33]], 0)
-  batch = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
-           "response_tokens": response_tokens, "response_mask": response_mask}
+  batch = from_token_lists([[BOS], [7, 8, 9, 10]], [[20, 21, 22], [30, 31, 32, 33]], 0)
   result = grad_alignment.alignment(model, batch, BOS)
   # Row 0's prompt is the BOS alone, so both spaces are the same: cosine 1, inner = |g|^2.
   assert result["cosine"][0] == pytest.approx(1.0, abs=1e-5)
   assert result["inner"][0] == pytest.approx(result["marginal_norm"][0] ** 2, rel=1e-5)
   np.testing.assert_allclose(result["conditional_logp"][0], result["marginal_logp"][0], atol=1e-6)
   graphdef, params = nnx.split(model)
-  row = {k: v[1:] for k, v in batch.items()}
+  row = batch.rows(1, 2)
 
   def flat_grad(conditional):
     grads = jax.grad(lambda p: jnp.sum(scoring.response_logprobs(

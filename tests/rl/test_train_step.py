@@ -9,6 +9,7 @@ from flax import nnx
 
 from prerl_jax.rl import objective as oc
 from prerl_jax.rl import schedule as phases, scoring, train_step
+from prerl_jax.rl.batch import rollout_batch
 from prerl_jax import sharding
 from prerl_jax.models.loading import random_model
 from prerl_jax.models.config import ModelConfig
@@ -23,7 +24,7 @@ def make_batch(rows=8, seed=0):
   rng = np.random.default_rng(seed)
   prompt_lengths = rng.integers(1, 6, rows)
   response_lengths = rng.integers(1, 8, rows)
-  return train_step.rollout_batch(
+  return rollout_batch(
       rng.integers(3, 128, (rows, 5)), prompt_lengths, rng.integers(3, 128, (rows, 7)),
       response_lengths, np.full((rows, 7), -4.8, np.float32),
       np.tile([1.0, 0.0, 0.0, 1.0], rows // 4))
@@ -51,7 +52,7 @@ def assert_trees_close(a, b, atol):
 
 def reinforce_grads(graphdef, params, batch, advantages_B, kept_B, coef, conditional):
   """Gradient of -coef * (sum over kept tokens of A * logp) / (kept tokens)."""
-  mask_BxR = batch["response_mask"] * kept_B[:, None]
+  mask_BxR = batch.response_mask * kept_B[:, None]
 
   def loss(params):
     logp, _ = scoring.response_logprobs(nnx.merge(graphdef, params), batch, conditional,
@@ -66,7 +67,7 @@ def test_nsr_prerl_gradient_is_the_explicit_formula():
   batch = make_batch()
   grads, _, sums, _ = accumulate(
       graphdef, params, batch, oc.get_objective("nsr_prerl"), group_size=GROUP, bos_id=BOS)
-  advantages = batch["rewards"] - 0.5  # Every group has two right and two wrong.
+  advantages = batch.rewards - 0.5  # Every group has two right and two wrong.
   kept = (advantages < 0).astype(jnp.float32)
   expected = reinforce_grads(graphdef, params, batch, advantages, kept, 0.01, False)
   assert_trees_close(grads, expected, 1e-7)
@@ -93,9 +94,9 @@ def test_clipped_loss_with_old_equal_current_is_reinforce():
   current, _ = scoring.response_logprobs(nnx.merge(graphdef, params), batch, True)
   objective = oc.get_objective("grpo")
   grads, _, sums, _ = accumulate(
-      graphdef, params, dict(batch, old_logp={"conditional": current}), objective,
+      graphdef, params, batch.replace(old_logp={"conditional": current}), objective,
       group_size=GROUP)
-  advantages = oc.advantages_for(objective, batch["rewards"], GROUP)["conditional"]
+  advantages = oc.advantages_for(objective, batch.rewards, GROUP)["conditional"]
   np.testing.assert_allclose(advantages, np.tile([0.866, -0.866, -0.866, 0.866], 2), atol=1e-3)
   expected = reinforce_grads(graphdef, params, batch, advantages, jnp.ones(8), 1.0, True)
   assert_trees_close(grads, expected, 1e-6)
@@ -185,7 +186,7 @@ def test_non_finite_loss_skips_the_update_and_counts_it():
                                     group_size=GROUP)
   before = host(state)
   bad = make_batch()
-  bad["rewards"] = bad["rewards"].at[0].set(jnp.nan)
+  bad = bad.replace(rewards=np.where(np.arange(8) == 0, np.nan, bad.rewards))
   state, metrics = step(state, bad)
   assert not np.isfinite(float(metrics["loss"]))
   assert (int(state.skipped), int(state.step), float(metrics["update_skipped"])) == (1, 1, 1.0)

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import run_fixtures
-from prerl_jax.training import trainer
+from prerl_jax.training import evaluator, trainer
 from prerl_jax.training.checkpointing import Checkpointer
 
 TPU_RUN = os.path.join(run_fixtures.REPO_ROOT, "launch", "tpu_run.py")
@@ -172,14 +172,6 @@ def test_evaluate_cli_reads_the_latest_checkpoint(model_dir, uninterrupted):
   assert set(result["pass_at_k"]) == {"1", "2"}
 
 
-@pytest.mark.parametrize("longest, max_new, width", [
-    (1, 128, 32), (32, 128, 32), (33, 128, 64), (64, 128, 64), (65, 128, 128), (128, 128, 128),
-    (10, 16, 16), (90, 96, 96)])
-def test_response_width_rounds_up_to_doublings_of_32_capped_at_max_new_tokens(longest, max_new,
-                                                                               width):
-  assert trainer.response_width(longest, max_new) == width
-
-
 def test_continuous_rollout_engine_trains_with_sampler_logps_of_the_trainer(model_dir, tmp_path):
   """Two steps with `rollout.engine=continuous` on 4 live rows (the 4 samples of the second
   prompt wait for the first's rows): the sampler's log-probs match the trainer's within 1e-4."""
@@ -196,4 +188,4 @@ def test_continuous_rollout_engine_trains_with_sampler_logps_of_the_trainer(mode
 def test_unknown_rollout_engine_is_named():
   config = run_fixtures.parse_config("w_reinforce", overrides=["--config.rollout.engine=paged"])
   with pytest.raises(ValueError, match="rollout.engine='paged': expected one of"):
-    trainer.rollout_sampler(None, None, config.rollout)
+    evaluator.rollout_sampler(None, None, config.rollout)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-import bench_common
+from benchmarks import common
 from bench_sampler import _prompts as repeated_prompts
 from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
@@ -101,7 +101,7 @@ def main(argv, as_json: bool):
       "static_tokens_per_s": useful / best["static"],
       "continuous_tokens_per_s": useful / best["continuous"],
       "speedup": best["static"] / best["continuous"],
-      "peak_rss_bytes": bench_common.peak_rss_bytes(),
+      "peak_rss_bytes": common.peak_rss_bytes(),
   }
   lines = [
       f"continuous: SmolLM2-135M, {args.prompts} prompts x n={args.n}, prompt bucket "
@@ -115,4 +115,4 @@ def main(argv, as_json: bool):
       f"{args.chunk_steps} steps; {best['continuous']:.1f} s)",
       f"  speedup:    {results['speedup']:.2f}x",
   ]
-  bench_common.report(results, as_json, lines)
+  common.report(results, as_json, lines)

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_common
+from benchmarks import common
 from prerl_jax.rl import objective as objective_config, train_step
+from prerl_jax.rl.batch import rollout_batch
 from prerl_jax.models.loading import load_model
 from prerl_jax.models.decoder import layer_shapes
 from prerl_jax.models.tokenizer import chat_turn_start_id
@@ -32,14 +33,11 @@ def step_flops(config, batch: int, context: int, response: int) -> float:
 
 def random_batch(vocab: int, batch: int, prompt_len: int, response_len: int, group_size: int):
   rng = np.random.default_rng(0)
-  return jax.tree.map(jnp.asarray, {
-      "prompt_tokens": rng.integers(3, vocab, (batch, prompt_len), dtype=np.int32),
-      "prompt_mask": np.ones((batch, prompt_len), bool),
-      "response_tokens": rng.integers(3, vocab, (batch, response_len), dtype=np.int32),
-      "response_mask": np.ones((batch, response_len), bool),
-      "sampler_logp": np.full((batch, response_len), -10.0, np.float32),
-      "rewards": (np.arange(batch) % group_size == 0).astype(np.float32),
-  })
+  return jax.tree.map(jnp.asarray, rollout_batch(
+      rng.integers(3, vocab, (batch, prompt_len)), np.full(batch, prompt_len),
+      rng.integers(3, vocab, (batch, response_len)), np.full(batch, response_len),
+      np.full((batch, response_len), -10.0, np.float32),
+      (np.arange(batch) % group_size == 0).astype(np.float32)))
 
 
 def time_steps(step, state, batch, repeats: int):
@@ -69,7 +67,7 @@ def main(argv, as_json: bool = False):
   parser.add_argument("--repeats", type=int, default=1)
   args = parser.parse_args(argv)
 
-  peak = bench_common.matmul_peak_flops()
+  peak = common.matmul_peak_flops()
   model, tokenizer = load_model(args.model, remat=args.remat)
   config = model.config
   optimizer = train_step.make_optimizer()
@@ -100,8 +98,8 @@ def main(argv, as_json: bool = False):
   cond, marg = results["conditional"], results["marginal"]
   results["marginal_over_conditional_time"] = marg["step_s"] / cond["step_s"]
   results["marginal_over_conditional_flops"] = marg["flops"] / cond["flops"]
-  results["peak_rss_bytes"] = bench_common.peak_rss_bytes()
+  results["peak_rss_bytes"] = common.peak_rss_bytes()
   lines.append(f"  marginal / conditional: time {results['marginal_over_conditional_time']:.2f}, "
                f"FLOPs {results['marginal_over_conditional_flops']:.2f}")
   lines.append(f"  peak resident memory {results['peak_rss_bytes'] / 2**30:.2f} GiB")
-  bench_common.report(results, as_json, lines)
+  common.report(results, as_json, lines)

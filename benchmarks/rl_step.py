@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-import bench_common
+from benchmarks import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def ours(args, conn):
                      "accuracy": metrics["reward/accuracy"]})
     finally:
       run.close()
-  conn.send({"peak_rss_bytes": bench_common.peak_rss_bytes()})
+  conn.send({"peak_rss_bytes": common.peak_rss_bytes()})
 
 
 def trl(args, conn):
@@ -136,7 +136,7 @@ def trl(args, conn):
                                                     trainer._generate_and_score_completions)
     trainer.train()
   data.close()
-  conn.send({"peak_rss_bytes": bench_common.peak_rss_bytes(), "trl_version": trl_lib.__version__,
+  conn.send({"peak_rss_bytes": common.peak_rss_bytes(), "trl_version": trl_lib.__version__,
              "torch_threads": torch.get_num_threads()})
 
 
@@ -209,4 +209,4 @@ def main(argv, as_json: bool = False):
     results["speedup"] = results["trl"]["median"]["step"] / results["ours"]["median"]["step"]
     lines.append(f"TRL / prerl-jax step time (median of {args.steps - 1} interleaved steps "
                  f"each): {results['speedup']:.2f}x")
-  bench_common.report(results, as_json, lines)
+  common.report(results, as_json, lines)

@@ -4,7 +4,7 @@ Both sides are warmed up, then timed in turn (ours, transformers, ours, ...; --r
 each); the medians, every run's time and the 1-minute load average around it are reported.
 
 Also reports the roofline of one decode step, max(weight bytes / memory bandwidth, FLOPs / matmul
-peak), with bandwidth and peak measured in the same run (launch/bench_common.py), and the time of
+peak), with bandwidth and peak measured in the same run (launch/common.py), and the time of
 one decode step's weight matmuls alone at the decode batch (`_decode_matmuls_s`): what XLA's
 matmuls cost at those shapes, before attention, norms and sampling (with `--kernels=cpu` the
 sampler's products run in the packed-weight kernel instead, so it can beat this chain).
@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax import nnx
 
-import bench_common
+from benchmarks import common
 from prerl_jax.models import presets
 from prerl_jax.models.loading import load_model
 from prerl_jax.generate.sampler import KERNEL_CHOICES, Sampler, SamplingConfig, prompt_batch
@@ -80,7 +80,7 @@ def _decode_matmuls_s(model, rows: int) -> float:
     return model.logits(x_NxD[:, None])
 
   x_NxD = jax.random.normal(jax.random.key(0), (rows, model.config.hidden_size))
-  return bench_common.time_call(jax.jit(matmuls), x_NxD, model.layer_weights(), repeats=5)
+  return common.time_call(jax.jit(matmuls), x_NxD, model.layer_weights(), repeats=5)
 
 
 def main(argv, as_json: bool):
@@ -146,8 +146,8 @@ def main(argv, as_json: bool):
     results.update(transformers_s=hf_s, transformers_tokens_per_s=generated / hf_s,
                    speedup_vs_transformers=hf_s / ours_s)
 
-  flops_peak = bench_common.matmul_peak_flops()
-  bandwidth = bench_common.memory_bandwidth()
+  flops_peak = common.matmul_peak_flops()
+  bandwidth = common.memory_bandwidth()
   roofline = _decode_step_roofline(model.config, rows, tokens.shape[1] + args.new_tokens / 2,
                                    flops_peak, bandwidth)
   step_s = max(roofline["memory_s"], roofline["compute_s"])
@@ -159,7 +159,7 @@ def main(argv, as_json: bool):
                  fraction_of_roofline=generated / ours_s / (rows / step_s),
                  **{f"roofline_{k}": v for k, v in roofline.items()})
 
-  results["peak_rss_bytes"] = bench_common.peak_rss_bytes()
+  results["peak_rss_bytes"] = common.peak_rss_bytes()
 
   lines = [
       f"sampler: SmolLM2-135M, {len(prompts)} prompts x n={args.n}, prompt bucket "
@@ -180,4 +180,4 @@ def main(argv, as_json: bool):
                  f"({results['transformers_s']:.2f} s); ours is "
                  f"{results['speedup_vs_transformers']:.2f}x (medians of {args.repeats} "
                  "interleaved runs each)")
-  bench_common.report(results, as_json, lines)
+  common.report(results, as_json, lines)

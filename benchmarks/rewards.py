@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-import bench_common
+from benchmarks import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def score_once(count: int) -> dict:
 
 def run_side(root: str, count: int) -> dict:
   """score_once in a subprocess that imports prerl_jax from `root`."""
-  env = dict(os.environ, PYTHONPATH=root)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join((root, REPO_ROOT)))  # benchmarks/ from here
   done = subprocess.run([sys.executable, os.path.abspath(__file__), "--once",
                          f"--responses={count}"], env=env, cwd=root, capture_output=True,
                         text=True, check=False)
@@ -107,7 +107,7 @@ def main(argv, as_json: bool = False):
     results["median_ratio"] = ratio
     lines.append(f"this tree / baseline median time: {ratio:.2f}x ({args.runs} runs each, "
                  "interleaved)")
-  bench_common.report(results, as_json, lines)
+  common.report(results, as_json, lines)
 
 
 if __name__ == "__main__":

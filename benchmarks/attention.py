@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import bench_common
+from benchmarks import common
 from prerl_jax.models import presets, remat
 from prerl_jax.models.loading import random_model
 from prerl_jax.rl import scoring
@@ -66,8 +66,8 @@ def main(argv=None, as_json=False):
   times = {b: [] for b in steps}
   for _ in range(args.repeats):
     for b, step in steps.items():
-      times[b].append(bench_common.time_call(step, state, repeats=1, warmup=0))
-  peak = bench_common.matmul_peak_flops(8192, jnp.dtype(args.dtype))
+      times[b].append(common.time_call(step, state, repeats=1, warmup=0))
+  peak = common.matmul_peak_flops(8192, jnp.dtype(args.dtype))
   flops = update_flops(config, args.rows, args.tokens)
   result = {"device": jax.devices()[0].device_kind, "tokens": args.tokens, "rows": args.rows,
             "remat": args.remat, "dtype": args.dtype, "matmul_peak_tflops": peak / 1e12,

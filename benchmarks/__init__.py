@@ -1,0 +1,1 @@
+"""Benchmarks, one module per `python launch/benchmark.py <name>` subcommand; measured, never tested."""
