@@ -50,12 +50,13 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = No
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)  # The sampler's default prompt widths.
 
 
-def bucket(length: int, buckets: Sequence[int], what: str = "bucket") -> int:
-  """The smallest of the ascending `buckets` that holds `length`; `what` names them in errors."""
+def bucket(length: int, buckets: Sequence[int], what: str = "bucket", key: str = "") -> int:
+  """The smallest of the ascending `buckets` that holds `length`; errors name `what` and `key`."""
   for size in buckets:
     if length <= size:
       return size
-  raise ValueError(f"{length} tokens is longer than the largest {what} {buckets[-1]}")
+  raise ValueError(f"{length} tokens is longer than the largest {what} {buckets[-1]}"
+                   + (f" ({key})" if key else ""))
 
 
 def doubling_bucket(length: int, cap: int, smallest: int = 32) -> int:

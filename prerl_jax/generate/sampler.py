@@ -88,8 +88,8 @@ class SamplingConfig:
 
   def bucket(self, prompt_length: int) -> int:
     """The smallest prompt bucket that holds a prompt of this many tokens."""
-    return padding.bucket(prompt_length, self.prompt_buckets,
-                          "prompt bucket (SamplingConfig.prompt_buckets)")
+    return padding.bucket(prompt_length, self.prompt_buckets, "prompt bucket",
+                          "SamplingConfig.prompt_buckets")
 
 
 @struct.dataclass
