@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SUITES = {"sampler": "benchmarks.sampler", "continuous": "benchmarks.continuous",
           "train": "benchmarks.train", "rl-step": "benchmarks.rl_step",
-          "attention": "benchmarks.attention", "rewards": "benchmarks.rewards"}
+          "attention": "benchmarks.attention", "rewards": "benchmarks.rewards",
+          "packing": "benchmarks.packing"}
 
 
 def main():

@@ -22,6 +22,7 @@ from flax import nnx
 
 from prerl_jax.models.decoder import Decoder, positions_from_mask
 from prerl_jax.rl.batch import RolloutBatch
+from prerl_jax.rl.packing import PackedBatch
 
 DEFAULT_CHUNK_SIZE = 128
 
@@ -90,6 +91,26 @@ def response_logprobs(model: Decoder, batch: RolloutBatch, conditional: bool, te
                                          chunk_size)
   return jnp.where(response_mask_BxR, logp_BxR, 0.0), jnp.where(response_mask_BxR, entropy_BxR,
                                                                  0.0)
+
+
+def packed_response_logprobs(model: Decoder, micro: PackedBatch, space: str, temperature=1.0,
+                             chunk_size: int | None = DEFAULT_CHUNK_SIZE):
+  """(logp_SxR, entropy_SxR) of one packed micro-batch's response slots in `space`, 0 at padding.
+
+  `micro` is a PackedBatch without its micro-batch axis (one element of the scan). The vocabulary
+  projection runs on the micro-batch's response tokens only.
+  """
+  rows = micro.spaces[space]
+  hidden_KxLxD, _ = model(rows.tokens, rows.positions, rows.segment_ids)
+  hidden_1xNxD = hidden_KxLxD[micro.token_row, rows.predict_col][None]
+  logp_1xN, entropy_1xN = token_logprobs(model, hidden_1xNxD, micro.token_target[None],
+                                         temperature, chunk_size)
+  slots_SxR = jnp.zeros(micro.response_mask.shape, jnp.float32)
+
+  def to_slots(values_1xN):
+    return slots_SxR.at[micro.token_slot, micro.token_offset].set(values_1xN[0], mode="drop")
+
+  return to_slots(logp_1xN), to_slots(entropy_1xN)
 
 
 @functools.partial(nnx.jit, static_argnames=("conditional", "chunk_size"))

@@ -20,6 +20,7 @@ from prerl_jax.rl import objective as oc
 from prerl_jax.rl import losses as objectives, scoring
 from prerl_jax import sharding
 from prerl_jax.rl.batch import RolloutBatch
+from prerl_jax.rl.packing import PackedBatch
 from prerl_jax.rl.objective import CONDITIONAL, MARGINAL, Objective
 from prerl_jax.rl.schedule import Phase
 
@@ -99,36 +100,47 @@ def _other_space(objective: Objective):
   return MARGINAL if objective.space == CONDITIONAL else CONDITIONAL
 
 
-def micro_batch_loss(graphdef, params, batch: RolloutBatch, advantages: dict,
+def _scorer(batch: RolloutBatch | PackedBatch, bos_id, temperature, chunk_size):
+  """score(model, space) -> (logp, entropy) per response slot, for either layout."""
+  if isinstance(batch, PackedBatch):
+    return lambda model, space: scoring.packed_response_logprobs(model, batch, space, temperature,
+                                                                 chunk_size)
+  return lambda model, space: scoring.response_logprobs(model, batch, space == CONDITIONAL,
+                                                        temperature, bos_id, chunk_size)
+
+
+def micro_batch_loss(graphdef, params, batch: RolloutBatch | PackedBatch, advantages: dict,
                      denominators: oc.Denominators, objective: Objective, *, bos_id=None,
                      temperature=1.0,
                      chunk_size=scoring.DEFAULT_CHUNK_SIZE, reference=None,
                      other_space_metrics: bool = False):
   """(loss, (metric_sums, max_abs_sampler_diff)) of one micro-batch, to differentiate in params.
 
+  batch: a RolloutBatch's rows, or one micro-batch of a PackedBatch (scored per response slot,
+  so the objective sees the same per-response arrays in both layouts).
+
   `denominators` are the full batch's (`batch_denominators`), so losses sum over micro-batches.
   other_space_metrics: also score the space the objective does not train in (one extra forward,
   no backward), for its entropy and, in marginal phases, the sampler-vs-trainer comparison.
   """
   model = nnx.merge(graphdef, params)
-  score = functools.partial(scoring.response_logprobs, temperature=temperature, bos_id=bos_id,
-                            chunk_size=chunk_size)
+  score = _scorer(batch, bos_id, temperature, chunk_size)
   logp, entropy = {}, {}
   for space in objective.spaces:
-    logp[space], entropy[space] = score(model, batch, space == CONDITIONAL)
+    logp[space], entropy[space] = score(model, space)
   ref_logp = None
   if objective.kl_spaces:
     if reference is None:
       raise ValueError(f"objective {objective.name!r} has kl_coef={objective.kl_coef}: build the "
                        "state with init_train_state(..., with_reference=True)")
     ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(reference))
-    ref_logp = {s: score(ref_model, batch, s == CONDITIONAL)[0] for s in objective.kl_spaces}
+    ref_logp = {s: score(ref_model, s)[0] for s in objective.kl_spaces}
   mask_BxR = jnp.asarray(batch.response_mask, jnp.float32)
   loss, sums = oc.objective_loss(objective, logp, batch.old_logp, advantages, mask_BxR,
                                  ref_logp=ref_logp, entropy=entropy, denominators=denominators)
   other = _other_space(objective)
   if other_space_metrics and other is not None:
-    other_logp, other_entropy = jax.lax.stop_gradient(score(model, batch, other == CONDITIONAL))
+    other_logp, other_entropy = jax.lax.stop_gradient(score(model, other))
     logp[other] = other_logp
     sums[f"{other}/entropy"] = objectives.masked_sum_count(other_entropy, mask_BxR)
   max_diff = jnp.zeros((), jnp.float32)
@@ -158,16 +170,36 @@ def _micro_batches(tree, micro_batches: int, mesh: Mesh | None):
   return jax.tree.map(split, tree)
 
 
-def accumulate_gradients(graphdef, params, batch: RolloutBatch, objective: Objective, *, group_size: int,
-                         micro_batches: int = 1, mesh: Mesh | None = None, **loss_options):
+def _micro_inputs(batch: RolloutBatch | PackedBatch, advantages: dict, micro_batches: int,
+                  mesh: Mesh | None):
+  """(rows, advantages) with a leading micro-batch axis, and the whole batch's
+  (advantages, response_mask) per response for the aggregation denominators."""
+  if not isinstance(batch, PackedBatch):
+    return _micro_batches((batch, advantages), micro_batches, mesh), (advantages,
+                                                                      batch.response_mask)
+  if batch.index.shape[0] != micro_batches:
+    raise ValueError(f"a PackedBatch of {batch.index.shape[0]} micro-batches was packed for "
+                     f"another micro_batches={micro_batches}: pack with the same count")
+  slots = {space: a[batch.index] for space, a in advantages.items()}
+  flat = {space: a.reshape(-1) for space, a in slots.items()}
+  mask = batch.response_mask.reshape(-1, batch.response_mask.shape[-1])
+  return (batch.replace(rewards=None), slots), (flat, mask)
+
+
+def accumulate_gradients(graphdef, params, batch: RolloutBatch | PackedBatch,
+                         objective: Objective, *, group_size: int, micro_batches: int = 1,
+                         mesh: Mesh | None = None, **loss_options):
   """Full-batch (grads, loss, metric_sums, max_abs_sampler_diff), summed over micro-batches.
 
-  Advantages and aggregation denominators come from the whole batch, so the sum over micro-batches
-  equals the full-batch loss and gradient. Gradients accumulate in float32. loss_options:
-  `micro_batch_loss`'s keyword arguments.
+  batch: a RolloutBatch (micro-batches of strided rows) or a PackedBatch (`prerl_jax.rl.packing`,
+  packed with the same micro_batches). Advantages and aggregation denominators come from the
+  whole batch, so the sum over micro-batches equals the full-batch loss and gradient, in either
+  layout. Gradients accumulate in float32. loss_options: `micro_batch_loss`'s keyword arguments.
   """
   advantages = oc.advantages_for(objective, batch.rewards, group_size)
-  denominators = oc.batch_denominators(objective, advantages, batch.response_mask)
+  micro_inputs, (whole_advantages, whole_mask) = _micro_inputs(batch, advantages, micro_batches,
+                                                               mesh)
+  denominators = oc.batch_denominators(objective, whole_advantages, whole_mask)
   grad_fn = jax.value_and_grad(micro_batch_loss, argnums=1, has_aux=True)
 
   def one(grads, micro):
@@ -178,11 +210,11 @@ def accumulate_gradients(graphdef, params, batch: RolloutBatch, objective: Objec
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   grads, (losses, (sums, max_diffs)) = jax.lax.scan(
-      one, zeros, _micro_batches((batch, advantages), micro_batches, mesh))
+      one, zeros, micro_inputs)
   return grads, losses.sum(), jax.tree.map(jnp.sum, sums), max_diffs.max()
 
 
-def train_step(state: TrainState, batch: RolloutBatch, *, graphdef, objective: Objective, optimizer,
+def train_step(state: TrainState, batch: RolloutBatch | PackedBatch, *, graphdef, objective: Objective, optimizer,
                group_size: int, micro_batches: int = 1, mesh: Mesh | None = None,
                **loss_options):
   """One optimizer step on one rollout batch; a non-finite loss or gradient skips the update."""
@@ -207,7 +239,7 @@ def train_step(state: TrainState, batch: RolloutBatch, *, graphdef, objective: O
       "grad_norm": grad_norm,
       "update_skipped": (~finite).astype(jnp.float32),
       "skipped_updates": skipped,
-      "tokens/prompt": jnp.sum(batch.prompt_mask.astype(jnp.float32)),
+      "tokens/prompt": jnp.sum(_prompt_lengths(batch).astype(jnp.float32)),
       "tokens/response": jnp.sum(batch.response_mask.astype(jnp.float32)),
   })
   for space in objective.spaces:
@@ -217,12 +249,26 @@ def train_step(state: TrainState, batch: RolloutBatch, *, graphdef, objective: O
   return new_state, metrics
 
 
+def scored_spaces(objective: Objective, other_space_metrics: bool = False) -> tuple[str, ...]:
+  """The spaces a step scores: the objective's, and the other one for its metrics if asked."""
+  return (CONDITIONAL, MARGINAL) if other_space_metrics else objective.spaces
+
+
+def _prompt_lengths(batch: RolloutBatch | PackedBatch):
+  if isinstance(batch, PackedBatch):
+    return batch.prompt_lengths
+  return batch.prompt_mask
+
+
 def make_train_step(graphdef, objective: Objective, optimizer, *, group_size: int,
                     micro_batches: int = 1, bos_id: int | None = None, temperature=1.0,
                     chunk_size: int | None = scoring.DEFAULT_CHUNK_SIZE,
                     other_space_metrics: bool = False, mesh: Mesh | None = None,
-                    state: TrainState | None = None):
+                    state: TrainState | None = None, packed: bool = False):
   """`train_step(state, batch) -> (state, metrics)` for one objective, jitted, state donated.
+
+  packed: the batch is a PackedBatch (`prerl_jax.rl.packing.pack` of `scored_spaces(...)`, with
+    the same micro_batches, placed by `packing.shard`); otherwise a RolloutBatch.
 
   bos_id: the marginal BOS, required when the marginal space is scored.
   other_space_metrics: see `micro_batch_loss` (costs one forward pass of the other space).
@@ -234,10 +280,7 @@ def make_train_step(graphdef, objective: Objective, optimizer, *, group_size: in
   sampler/{abs_logp_diff, max_abs_logp_diff, approx_kl} (sampler minus trainer conditional
   log-probs, so approx_kl estimates KL(sampler || trainer); only when the conditional is scored).
   """
-  scored = set(objective.spaces)
-  if other_space_metrics:
-    scored.update((CONDITIONAL, MARGINAL))
-  if MARGINAL in scored and bos_id is None:
+  if MARGINAL in scored_spaces(objective, other_space_metrics) and bos_id is None:
     raise ValueError(f"objective {objective.name!r} scores the marginal space: pass bos_id= "
                      "(prerl_jax.models.tokenizer.chat_turn_start_id gives the reference's)")
   step = functools.partial(
@@ -250,6 +293,7 @@ def make_train_step(graphdef, objective: Objective, optimizer, *, group_size: in
     raise ValueError("make_train_step(mesh=...) needs state= (a TrainState of the run) to fix "
                      "the state shardings")
   state_shardings = train_state_shardings(state, mesh)
-  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
+  batch_shardings = None if packed else sharding.batch_sharding(mesh, 1)  # Packed: as placed.
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnames=("state",))

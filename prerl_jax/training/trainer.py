@@ -27,8 +27,10 @@ from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
 from prerl_jax.generate.sampler import prompt_batch
 from prerl_jax.training.evaluator import Evaluator
 from prerl_jax.models.tokenizer import chat_turn_start_id
-from prerl_jax.rl.batch import from_samples
-from prerl_jax.rl.train_step import enter_phase, init_train_state, make_optimizer, make_train_step
+from prerl_jax.rl import packing
+from prerl_jax.rl.batch import RolloutBatch, from_samples
+from prerl_jax.rl.train_step import (enter_phase, init_train_state, make_optimizer,
+                                     make_train_step, scored_spaces)
 
 def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
   """Fails early, naming the config keys, when a batch does not split over the devices."""
@@ -92,7 +94,7 @@ class Trainer:
           self.graphdef, objective, self.optimizer, group_size=self.config.rollout.group_size,
           micro_batches=self.config.optim.micro_batches, bos_id=self.bos_id,
           temperature=self.config.rollout.temperature, other_space_metrics=both_spaces,
-          mesh=self.mesh, state=self.state)
+          mesh=self.mesh, state=self.state, packed=self.config.optim.pack)
     return self._steps[objective, both_spaces]
 
   def sample_responses(self, problems, n: int = 1, seed: int = 0) -> list[list[str]]:
@@ -129,7 +131,8 @@ class Trainer:
     return latest
 
   def _rollout(self, batch, step: int):
-    """Samples G responses per prompt and scores them; returns (train batch, host metrics)."""
+    """Samples G responses per prompt and scores them; returns (host RolloutBatch, host
+    metrics, texts)."""
     cfg = self.config
     times = {}
     start = time.perf_counter()
@@ -153,8 +156,7 @@ class Trainer:
 
     # The update's response columns: a doubling bucket, so a run compiles few update programs.
     width = padding.doubling_bucket(int(lengths_N.max()), out.tokens_NxM.shape[1])
-    train_batch = sharding.shard_batch(from_samples(out, rewards_N, response_width=width),
-                                       self.mesh)
+    train_batch = from_samples(out, rewards_N, response_width=width)
     host = {
         "reward/mean": float(rewards_N.mean()),
         "reward/accuracy": float((rewards_N >= 1.0).mean()),
@@ -171,6 +173,17 @@ class Trainer:
     }
     return train_batch, host, texts
 
+  def _layout(self, rollout: RolloutBatch, objective, both_spaces: bool):
+    """The update's batch on the mesh: packed rows (optim.pack) or the padded RolloutBatch."""
+    optim = self.config.optim
+    if not optim.pack:
+      return sharding.shard_batch(rollout, self.mesh)
+    packed = packing.pack(
+        rollout, scored_spaces(objective, both_spaces),
+        micro_batches=optim.micro_batches, row_tokens=optim.row_tokens, bos_id=self.bos_id,
+        multiple_of=sharding.batch_devices(self.mesh))
+    return packing.shard(packed, self.mesh)
+
   def train_step(self, step: int, batch) -> tuple[dict, list[str]]:
     """One RL step on a prompt batch: sample, score, update by the phase of `step`.
 
@@ -179,10 +192,11 @@ class Trainer:
     phase = self.schedule.phase_at(step)
     if self.schedule.is_switch(step):
       self.state = enter_phase(self.state, phase, self.optimizer)
-    train_batch, host, texts = self._rollout(batch, step)
+    rollout, host, texts = self._rollout(batch, step)
     start = time.perf_counter()
     every = self.config.train.log_both_spaces
     both_spaces = every > 0 and (step - 1) % every == 0
+    train_batch = self._layout(rollout, phase.objective, both_spaces)
     self.state, metrics = self._train_step_for(phase.objective, both_spaces)(self.state,
                                                                             train_batch)
     metrics = sharding.to_host(metrics)
