@@ -196,9 +196,8 @@ class Trainer:
     start = time.perf_counter()
     every = self.config.train.log_both_spaces
     both_spaces = every > 0 and (step - 1) % every == 0
-    train_batch = self._layout(rollout, phase.objective, both_spaces)
-    self.state, metrics = self._train_step_for(phase.objective, both_spaces)(self.state,
-                                                                            train_batch)
+    update = self._train_step_for(phase.objective, both_spaces)
+    self.state, metrics = update(self.state, self._layout(rollout, phase.objective, both_spaces))
     metrics = sharding.to_host(metrics)
     host["time/update"] = time.perf_counter() - start
     host["time/step"] = host["time/sample"] + host["time/score"] + host["time/update"]
