@@ -64,7 +64,8 @@ class Program:
   """One program a training step runs: its traced form and what the projection needs of it.
 
   stage: "sample" or "update" (a step runs every sample program and one update program, its
-    phase's). arguments: its abstract inputs (a key array counts as none). while_trips: iterations of each while_loop of the program, in trace order.
+    phase's). arguments: its abstract inputs (a key array counts as none). while_trips:
+    iterations of each while_loop of the program, in trace order.
   hbm_bytes_moved: modelled HBM traffic of one run (module docstring).
   resident_bytes: train state held in HBM beside the program's arguments while it runs.
   """

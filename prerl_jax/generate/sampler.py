@@ -33,7 +33,10 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from prerl_jax.kernels.cpu import attention as cpu_attention, library as cpu_kernels, matmul as cpu_matmul, norm as cpu_norm
+from prerl_jax.kernels.cpu import attention as cpu_attention
+from prerl_jax.kernels.cpu import library as cpu_kernels
+from prerl_jax.kernels.cpu import matmul as cpu_matmul
+from prerl_jax.kernels.cpu import norm as cpu_norm
 from prerl_jax.data import padding
 from prerl_jax.models import rope
 from prerl_jax import sharding

@@ -17,7 +17,8 @@ from prerl_jax.rl.batch import RolloutBatch
 EARLY_TOKENS = 8  # The summary compares the first EARLY_TOKENS response tokens with the rest.
 
 
-def alignment(model: Decoder, batch: RolloutBatch, bos_id: int, temperature=1.0) -> dict[str, np.ndarray]:
+def alignment(model: Decoder, batch: RolloutBatch, bos_id: int,
+              temperature=1.0) -> dict[str, np.ndarray]:
   """Per-sample gradient alignment of summed log P(y) (marginal) and log P(y|x) (conditional).
 
   Gradients are over all parameters, one sample at a time (two

@@ -214,7 +214,8 @@ def accumulate_gradients(graphdef, params, batch: RolloutBatch | PackedBatch,
   return grads, losses.sum(), jax.tree.map(jnp.sum, sums), max_diffs.max()
 
 
-def train_step(state: TrainState, batch: RolloutBatch | PackedBatch, *, graphdef, objective: Objective, optimizer,
+def train_step(state: TrainState, batch: RolloutBatch | PackedBatch, *, graphdef,
+               objective: Objective, optimizer,
                group_size: int, micro_batches: int = 1, mesh: Mesh | None = None,
                **loss_options):
   """One optimizer step on one rollout batch; a non-finite loss or gradient skips the update."""

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from kernel_marks import needs_cpu_kernels
 
-from prerl_jax.kernels.cpu import attention as cpu_attention, library as cpu_kernels, matmul as cpu_matmul, norm as cpu_norm
+from prerl_jax.kernels.cpu import attention as cpu_attention
+from prerl_jax.kernels.cpu import library as cpu_kernels
+from prerl_jax.kernels.cpu import matmul as cpu_matmul
+from prerl_jax.kernels.cpu import norm as cpu_norm
 from prerl_jax.generate import decode
 from prerl_jax.models import rope
 from prerl_jax import sharding
