@@ -13,6 +13,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from prerl_jax.errors import UserError
 from prerl_jax.rl.objective import Objective
 
 # SmolLM2-135M answers about 30% of one-digit sums with this prompt at temperature 0.7 (12% at
@@ -40,12 +41,12 @@ ARGS = dict(cpu=False, paper=False, data_dir="",
 def _typed(key: str, text: str, kind: type):
   if kind is bool:
     if text.lower() not in ("true", "false"):
-      raise ValueError(f"config argument {key}={text!r}: expected true or false")
+      raise UserError(f"config argument {key}={text!r}: expected true or false")
     return text.lower() == "true"
   try:
     return kind(text)
   except ValueError:
-    raise ValueError(f"config argument {key}={text!r}: expected {kind.__name__}") from None
+    raise UserError(f"config argument {key}={text!r}: expected {kind.__name__}") from None
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
@@ -60,12 +61,12 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, equals, text = item.partition("=")
     if key not in spec:
-      raise ValueError(f"config argument {item!r}: unknown key {key!r}; valid: "
+      raise UserError(f"config argument {item!r}: unknown key {key!r}; valid: "
                        f"{', '.join(spec)}")
     default = spec[key]
     kind = default[1] if isinstance(default, tuple) else type(default)
     if not equals and kind is not bool:
-      raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      raise UserError(f"config argument {key!r} needs a value ({key}=...)")
     result[key] = _typed(key, text, kind) if equals else True
   return result
 
@@ -73,7 +74,7 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
 def preset(arg: ml_collections.ConfigDict) -> str:
   """The preset a parsed arg names: 'paper' or 'cpu'."""
   if arg.cpu and arg.paper:
-    raise ValueError("config argument: name one preset, cpu or paper")
+    raise UserError("config argument: name one preset, cpu or paper")
   return "paper" if arg.paper else "cpu"
 
 
@@ -145,7 +146,7 @@ def experiment(name: str, arg: ml_collections.ConfigDict) -> ml_collections.Conf
   if preset(arg) == "paper":
     _paper(config, arg.data_dir)
   elif arg.data_dir:
-    raise ValueError("config argument data_dir= is read by the paper preset only (`paper,"
+    raise UserError("config argument data_dir= is read by the paper preset only (`paper,"
                      "data_dir=/path`); the cpu preset generates its data")
   config.name = f"{name}_{preset(arg)}"
   for key, (dotted, _) in SHORTCUTS.items():

@@ -111,7 +111,24 @@ def _parse_flags(argv):
     hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ""
     sys.exit(f"tpu_run.py: unknown config key '{key}'{hint} in {' '.join(overrides)}")
   except flags.Error as error:
-    sys.exit(f"tpu_run.py: {error}")
+    user_error = _config_user_error(error)
+    if user_error is None or "--verbose" in argv:
+      sys.exit(f"tpu_run.py: {error}")
+    sys.exit(f"tpu_run.py: {user_error}")
+
+
+def _config_user_error(error: BaseException) -> str | None:
+  """The message of a UserError that a config file's get_config(arg) raised, if that is the cause.
+
+  ml_collections re-raises it with the traceback in the message, and absl wraps that in a flag
+  error; the original message is the traceback's last line.
+  """
+  while error is not None and not isinstance(error, errors.UserError):
+    error = error.__cause__ or error.__context__
+  if error is None:
+    return None
+  last_line = str(error).strip().splitlines()[-1]
+  return last_line.split(f"{errors.UserError.__module__}.UserError: ", 1)[-1]
 
 
 def main(argv):

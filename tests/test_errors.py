@@ -52,3 +52,18 @@ def test_missing_gpu_is_one_line_naming_the_flag():
   assert "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("tpu_run.py: --jax_platforms=cuda: no GPU was found"), result.stderr
+
+
+@pytest.mark.parametrize("config, flag, expected", [
+    ("configs/grpo.py:steps=x", None, "tpu_run.py: config argument steps='x': expected int"),
+    ("configs/grpo.py", "--config.objective.aggregation=bogus",
+     "tpu_run.py: config section objective: aggregation='bogus' is not one of"),
+])
+def test_a_bad_config_value_is_one_line_naming_it(config, flag, expected):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run([sys.executable, TPU_RUN, f"--config={config}", *filter(None, [flag])],
+                          cwd=run_fixtures.REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr

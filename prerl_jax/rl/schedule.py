@@ -9,6 +9,7 @@ two-phase schedule nsr_prerl (steps 1 .. S-1), then grpo (from step S on).
 import dataclasses
 from collections.abc import Mapping
 
+from prerl_jax.errors import UserError
 from prerl_jax.rl import objective as objective_config
 from prerl_jax.rl.objective import Objective
 
@@ -78,7 +79,7 @@ def dsrl_schedule(switch_step: int = 20, reset_optimizer: bool = False,
                   main: Objective | None = None) -> Schedule:
   """DSRL: `warmup` (NSR-PreRL) while step < switch_step, `main` (GRPO) from switch_step on."""
   if not isinstance(switch_step, int) or switch_step < 2:
-    raise ValueError(f"switch_step={switch_step!r} must be an int >= 2 (steps start at 1)")
+    raise UserError(f"switch_step={switch_step!r} must be an int >= 2 (steps start at 1)")
   return Schedule((
       Phase(warmup or objective_config.get_objective("nsr_prerl"), until_step=switch_step),
       Phase(main or objective_config.get_objective("grpo"), reset_optimizer=reset_optimizer,
@@ -107,11 +108,11 @@ def objective_from_config(fields: Mapping, section: str = "objective") -> Object
   valid = [field.name for field in dataclasses.fields(Objective)]
   unknown = [f"{section}.{key}" for key in fields if key not in valid]
   if unknown:
-    raise ValueError(f"unknown config key(s) {unknown}; valid: {valid}")
+    raise UserError(f"unknown config key(s) {unknown}; valid: {valid}")
   try:
     return Objective(**fields)
   except (TypeError, ValueError) as error:
-    raise ValueError(f"config section {section}: {error}") from None
+    raise UserError(f"config section {section}: {error}") from None
 
 
 def schedule_from_config(section: Mapping) -> Schedule:
@@ -127,7 +128,7 @@ def schedule_from_config(section: Mapping) -> Schedule:
   switch = {key: fields.pop(key, None) for key in DSRL_KEYS}
   missing = [f"objective.{key}" for key, value in switch.items() if value is None]
   if missing:
-    raise ValueError(f"config key(s) {missing} missing beside objective.warmup")
+    raise UserError(f"config key(s) {missing} missing beside objective.warmup")
   return dsrl_schedule(switch["switch_step"], switch["reset_optimizer"],
                        switch["reset_reference"],
                        warmup=objective_from_config(switch["warmup"], "objective.warmup"),
