@@ -3,9 +3,10 @@
 Each response becomes one segment per scored space: `[prompt][response]` in the conditional
 space, `[BOS][response]` in the marginal space (the last response token is not fed: it predicts
 nothing). Responses are spread over `micro_batches` micro-batches by tokens (the longest first,
-each to the micro-batch with the fewest tokens so far), then packed first-fit-decreasing into
-rows of `row_tokens` tokens. A response's segments sit in the same row in both spaces (a marginal
-segment is never longer than its conditional one), so one assignment serves both.
+each to the micro-batch with the fewest tokens so far), then, in each space separately, packed
+first-fit-decreasing into rows of `row_tokens` tokens: a marginal segment is its response and
+one BOS, so the marginal rows are fewer and shorter than the conditional rows of the same
+micro-batch (a both-space update pays for each space's own tokens).
 
 Rows carry per-token segment ids (1, 2, ... within a row; 0 is padding; attention is causal
 within a segment) and positions that restart at 0 in each segment, as the padded layout counts
@@ -31,13 +32,14 @@ class PackedRows:
   """One space's rows; the leading M (micro-batch) axis is present in a PackedBatch.
 
   tokens, positions, segment_ids  (M, K, L) int32: K rows of L tokens per micro-batch
-  predict_col                     (M, N) int32: the column (in row token_row) whose hidden
-                                  state predicts response token n
+  token_row, predict_col          (M, N) int32: the row and column whose hidden state predicts
+                                  response token n
   """
 
   tokens: jax.Array
   positions: jax.Array
   segment_ids: jax.Array
+  token_row: jax.Array
   predict_col: jax.Array
 
 
@@ -51,7 +53,6 @@ class PackedBatch:
   sampler_logp     (M, S, R) float32
   old_logp         {space: (M, S, R) float32} or None
   prompt_lengths   (M, S) int32 (0 for an empty slot)
-  token_row        (M, N) int32: the row of response token n
   token_slot       (M, N) int32: its slot (S for a padding entry, dropped on scatter)
   token_offset     (M, N) int32: its column in the slot
   token_target     (M, N) int32: its token id
@@ -64,7 +65,6 @@ class PackedBatch:
   sampler_logp: jax.Array
   old_logp: dict | None
   prompt_lengths: jax.Array
-  token_row: jax.Array
   token_slot: jax.Array
   token_offset: jax.Array
   token_target: jax.Array
@@ -104,10 +104,11 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
          bos_id: int | None = None, multiple_of: int = 1) -> PackedBatch:
   """The packed layout of a host RolloutBatch for scoring `spaces` (numpy arrays).
 
-  row_tokens: tokens per row; 0 (or anything shorter than the longest segment) takes the longest
-    segment rounded up to 32 * 2**i. multiple_of: rows and slots per micro-batch are multiple_of * 2**i
-    (pass the number of batch devices under a mesh). bos_id: the marginal BOS, required when the
-    marginal space is packed. Responses of length 0 score nothing and take no slot.
+  row_tokens: tokens per row; 0 (or anything shorter than a space's longest segment) takes that
+    space's longest segment rounded up to 32 * 2**i. multiple_of: rows and slots per micro-batch
+    are multiple_of * 2**i (pass the number of batch devices under a mesh). bos_id: the marginal
+    BOS, required when the marginal space is packed. Responses of length 0 score nothing and take
+    no slot.
   """
   spaces = tuple(spaces)
   for space in spaces:
@@ -125,19 +126,21 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
   response_len_B = response_mask.sum(axis=1)
   context_len = {CONDITIONAL: prompt_len_B, MARGINAL: np.ones_like(prompt_len_B)}
   fed_len = {s: context_len[s] + np.maximum(response_len_B - 1, 0) for s in spaces}
-  longest_B = np.max([fed_len[s] for s in spaces], axis=0)
   live = np.flatnonzero(response_len_B > 0)
-  longest = int(longest_B.max(initial=1))
-  width = row_tokens if row_tokens >= longest else padding.doubling_bucket(
-      longest, cap=np.iinfo(np.int32).max)
 
+  longest_B = np.max([fed_len[s] for s in spaces], axis=0)
   members = _assign_micro_batches(longest_B[live], micro_batches)
   members = [[int(live[i]) for i in group] for group in members]
-  rows_of = [_first_fit(group, longest_B, width) for group in members]
-  num_rows = _bucket(max(len(r) for r in rows_of), multiple_of)
   num_slots = _bucket(max(len(g) for g in members), multiple_of)
   num_tokens = _bucket(max(int(response_len_B[g].sum()) for g in members),
                        int(np.lcm(32, multiple_of)))
+  # Per space: its row width and, per micro-batch, its rows (lists of batch rows).
+  layout = {}
+  for s in spaces:
+    longest = int(fed_len[s][live].max(initial=1))
+    width = row_tokens if row_tokens >= longest else padding.doubling_bucket(
+        longest, cap=np.iinfo(np.int32).max)
+    layout[s] = (width, [_first_fit(group, fed_len[s], width) for group in members])
   response_width = response_tokens.shape[1]
 
   def zeros(*shape, dtype=np.int32):
@@ -145,46 +148,55 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
 
   out = {"index": zeros(num_slots), "response_mask": zeros(num_slots, response_width, dtype=bool),
          "sampler_logp": zeros(num_slots, response_width, dtype=np.float32),
-         "prompt_lengths": zeros(num_slots), "token_row": zeros(num_tokens),
+         "prompt_lengths": zeros(num_slots),
          "token_slot": np.full((micro_batches, num_tokens), num_slots, np.int32),
          "token_offset": zeros(num_tokens), "token_target": zeros(num_tokens)}
   old_logp = None if batch.old_logp is None else {
       s: zeros(num_slots, response_width, dtype=np.float32) for s in batch.old_logp}
-  rows = {s: {"tokens": zeros(num_rows, width), "positions": zeros(num_rows, width),
-              "segment_ids": zeros(num_rows, width), "predict_col": zeros(num_tokens)}
-          for s in spaces}
-  for m, packed_rows in enumerate(rows_of):
-    slot = token = 0
-    for k, row_members in enumerate(packed_rows):
-      start = {s: 0 for s in spaces}
-      for segment, b in enumerate(row_members, start=1):
-        r = int(response_len_B[b])
-        out["index"][m, slot] = b
-        out["response_mask"][m, slot] = response_mask[b]
-        out["sampler_logp"][m, slot] = batch.sampler_logp[b]
-        out["prompt_lengths"][m, slot] = prompt_len_B[b]
-        if old_logp is not None:
-          for s in old_logp:
-            old_logp[s][m, slot] = batch.old_logp[s][b]
-        tokens = slice(token, token + r)
-        out["token_row"][m, tokens] = k
-        out["token_slot"][m, tokens] = slot
-        out["token_offset"][m, tokens] = np.arange(r)
-        out["token_target"][m, tokens] = response_tokens[b, :r]
-        for s in spaces:
+  first_token = np.zeros(len(response_len_B), np.int64)  # Of each batch row, in its micro-batch.
+  for m, group in enumerate(members):
+    token = 0
+    for slot, b in enumerate(group):
+      r = int(response_len_B[b])
+      out["index"][m, slot] = b
+      out["response_mask"][m, slot] = response_mask[b]
+      out["sampler_logp"][m, slot] = batch.sampler_logp[b]
+      out["prompt_lengths"][m, slot] = prompt_len_B[b]
+      if old_logp is not None:
+        for s in old_logp:
+          old_logp[s][m, slot] = batch.old_logp[s][b]
+      tokens = slice(token, token + r)
+      out["token_slot"][m, tokens] = slot
+      out["token_offset"][m, tokens] = np.arange(r)
+      out["token_target"][m, tokens] = response_tokens[b, :r]
+      first_token[b] = token
+      token += r
+
+  packed_spaces = {}
+  for s, (width, rows_of) in layout.items():
+    num_rows = _bucket(max(len(rows) for rows in rows_of), multiple_of)
+    arrays = {"tokens": zeros(num_rows, width), "positions": zeros(num_rows, width),
+              "segment_ids": zeros(num_rows, width), "token_row": zeros(num_tokens),
+              "predict_col": zeros(num_tokens)}
+    for m, packed_rows in enumerate(rows_of):
+      for k, row_members in enumerate(packed_rows):
+        start = 0
+        for segment, b in enumerate(row_members, start=1):
+          r = int(response_len_B[b])
           context = (prompt_tokens[b][prompt_mask[b]] if s == CONDITIONAL
                      else np.array([bos_id], np.int32))
           fed = np.concatenate([context, response_tokens[b, :r - 1]])
-          columns = slice(start[s], start[s] + len(fed))
-          rows[s]["tokens"][m, k, columns] = fed
-          rows[s]["positions"][m, k, columns] = np.arange(len(fed))
-          rows[s]["segment_ids"][m, k, columns] = segment
-          rows[s]["predict_col"][m, tokens] = start[s] + len(context) - 1 + np.arange(r)
-          start[s] += len(fed)
-        slot += 1
-        token += r
+          columns = slice(start, start + len(fed))
+          arrays["tokens"][m, k, columns] = fed
+          arrays["positions"][m, k, columns] = np.arange(len(fed))
+          arrays["segment_ids"][m, k, columns] = segment
+          tokens = slice(first_token[b], first_token[b] + r)
+          arrays["token_row"][m, tokens] = k
+          arrays["predict_col"][m, tokens] = start + len(context) - 1 + np.arange(r)
+          start += len(fed)
+    packed_spaces[s] = PackedRows(**arrays)
   return PackedBatch(rewards=np.asarray(batch.rewards, np.float32), old_logp=old_logp,
-                     spaces={s: PackedRows(**arrays) for s, arrays in rows.items()}, **out)
+                     spaces=packed_spaces, **out)
 
 
 def shard(packed: PackedBatch, mesh) -> PackedBatch:

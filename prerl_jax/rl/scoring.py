@@ -102,7 +102,7 @@ def packed_response_logprobs(model: Decoder, micro: PackedBatch, space: str, tem
   """
   rows = micro.spaces[space]
   hidden_KxLxD, _ = model(rows.tokens, rows.positions, rows.segment_ids)
-  hidden_1xNxD = hidden_KxLxD[micro.token_row, rows.predict_col][None]
+  hidden_1xNxD = hidden_KxLxD[rows.token_row, rows.predict_col][None]
   logp_1xN, entropy_1xN = token_logprobs(model, hidden_1xNxD, micro.token_target[None],
                                          temperature, chunk_size)
   slots_SxR = jnp.zeros(micro.response_mask.shape, jnp.float32)
