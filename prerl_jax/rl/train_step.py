@@ -140,8 +140,7 @@ def micro_batch_loss(graphdef, params, batch: RolloutBatch | PackedBatch, advant
                                  ref_logp=ref_logp, entropy=entropy, denominators=denominators)
   other = _other_space(objective)
   if other_space_metrics and other is not None:
-    # Constant params, so nothing of this forward is kept for the backward pass (a
-    # stop_gradient on its outputs alone keeps its residuals: 3x the update's temporaries).
+    # Constant params: this forward is never differentiated.
     other_logp, other_entropy = score(nnx.merge(graphdef, jax.lax.stop_gradient(params)), other)
     logp[other] = other_logp
     sums[f"{other}/entropy"] = objectives.masked_sum_count(other_entropy, mask_BxR)
