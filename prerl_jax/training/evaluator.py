@@ -73,7 +73,8 @@ class Evaluator:
     def generate(prompt_ids, n):
       config = dataclasses.replace(sampling, n=n)
       tokens, mask = sharding.shard_batch(prompt_batch(prompt_ids, config), self.mesh)
-      out = sharding.to_host(self.sampler.sample(params, tokens, mask, key, config))
+      with jax.set_mesh(self.mesh):  # As the trainer samples: kernels see the mesh.
+        out = sharding.to_host(self.sampler.sample(params, tokens, mask, key, config))
       texts = self.decode(out.tokens_NxM, out.lengths_N)
       return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
     return generate

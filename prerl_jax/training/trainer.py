@@ -187,8 +187,14 @@ class Trainer:
   def train_step(self, step: int, batch) -> tuple[dict, list[str]]:
     """One RL step on a prompt batch: sample, score, update by the phase of `step`.
 
-    Returns (metrics with `time/{sample,score,update,step}`, the decoded responses).
+    Returns (metrics with `time/{sample,score,update,step}`, the decoded responses). Runs under
+    the run's mesh (`jax.set_mesh`), so kernels that need it in context (splash attention under
+    `model.attention=auto` on TPU) are traced with it.
     """
+    with jax.set_mesh(self.mesh):
+      return self._train_step(step, batch)
+
+  def _train_step(self, step: int, batch) -> tuple[dict, list[str]]:
     phase = self.schedule.phase_at(step)
     if self.schedule.is_switch(step):
       self.state = enter_phase(self.state, phase, self.optimizer)
