@@ -18,7 +18,10 @@ Projected time (no communication, no latency): each program takes max(FLOPs / bf
 bytes / HBM bandwidth) per run. The compiler's `cost_analysis()` counts every loop body once
 (layer scan, micro-batch scan, vocabulary chunks, decode loop), so FLOPs are counted on the traced
 program: every matmul, each scan body times its length, rematerialized forwards included, each
-decode while_loop times its steps; the compiler's own figures are reported alongside. Bytes are
+decode while_loop times its steps; the compiler's own figures are reported alongside. The
+FLOPs inside Pallas kernels (splash attention, the TPU paged attention) are not counted: with
+splash at 9k tokens, attention is about a quarter of Qwen3-4B's update FLOPs, so a TPU update
+that is compute-bound is projected up to a third too fast. Bytes are
 modelled: the train step reads and writes its arguments and reads the compute-dtype weights once
 per pass per micro-batch; the sampler's decode step reads the compute-dtype weights and the cache
 blocks it attends over. Early stopping: the decode loop ends when every row has stopped, and with
@@ -41,7 +44,7 @@ from flax import nnx
 
 from prerl_jax import sharding
 from prerl_jax.aot import report as report_lib, targets as targets_lib
-from prerl_jax.generate import sampler as sampler_lib
+from prerl_jax.generate import continuous as continuous_lib, page_pool, sampler as sampler_lib
 from prerl_jax.generate.decode import block_shapes, block_sharding
 from prerl_jax.models import presets
 from prerl_jax.models.config import ModelConfig
@@ -68,6 +71,8 @@ class Program:
     iterations of each while_loop of the program, in trace order.
   hbm_bytes_moved: modelled HBM traffic of one run (module docstring).
   resident_bytes: train state held in HBM beside the program's arguments while it runs.
+  runs: how many times a step runs it. compute_chips: over how many chips its FLOPs are spread
+    (None: all of the target's).
   """
 
   name: str
@@ -77,6 +82,8 @@ class Program:
   hbm_bytes_moved: float
   while_trips: tuple[int, ...] = ()
   resident_bytes: int = 0
+  runs: int = 1
+  compute_chips: int | None = None
 
 
 def per_device_bytes(tree) -> int:
@@ -111,6 +118,8 @@ def _matmul_flops(jaxpr, trips: list) -> float:
       lhs = eqn.invars[0].aval.shape
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
       continue
+    if name == "pallas_call":
+      continue  # A fused kernel (splash, ragged paged attention): not counted (docstring).
     if name == "while":
       if not trips:
         raise ValueError("a while_loop without a trip count: pass one per loop in while_trips")
@@ -180,7 +189,8 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
   compiler_peak = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
                    + memory["temp_bytes"] + memory["code_bytes"])
   peak = compiler_peak + program.resident_bytes
-  flops = matmul_flops(program.traced.jaxpr.jaxpr, program.while_trips) / target.chips
+  flops = (matmul_flops(program.traced.jaxpr.jaxpr, program.while_trips)
+           / (program.compute_chips or target.chips))
   compute_s = flops / target.bf16_flops
   memory_s = program.hbm_bytes_moved / target.hbm_bandwidth
   return {
@@ -194,9 +204,10 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
       "compiler_peak_bytes": compiler_peak,
       "resident_bytes": program.resident_bytes,
       **memory,
+      "runs": program.runs,
       "flops_per_chip": flops,
       "hbm_bytes_moved_per_chip": program.hbm_bytes_moved,
-      "projected_s": max(compute_s, memory_s),
+      "projected_s": program.runs * max(compute_s, memory_s),
       "bound": "compute" if compute_s >= memory_s else "memory",
       "compiler_cost_loop_bodies_once": {
           key: float(cost[key]) for key in ("flops", "bytes accessed", "optimal_seconds")
@@ -284,8 +295,12 @@ def step_shapes(config: ml_collections.ConfigDict, mesh, model_config: ModelConf
   width = sampler_lib.SamplingConfig(max_new_tokens=1, pad_id=0).bucket(
       config.data.max_prompt_length)
   c = model_config
-  cache = [_cache_block(c, rollout.prompts_per_step, width, mesh),
-           _cache_block(c, rows, rollout.max_new_tokens - 1, mesh)] * c.num_layers
+  if rollout.engine == "continuous":
+    cache = continuous_lib.abstract_pool(continuous_lib.PoolConfig.from_rollout(rollout), c,
+                                         width, rollout.max_new_tokens, mesh)
+  else:
+    cache = [_cache_block(c, rollout.prompts_per_step, width, mesh),
+             _cache_block(c, rows, rollout.max_new_tokens - 1, mesh)] * c.num_layers
   bytes_ = {"params": per_device_bytes(state.params),
             "opt_state": per_device_bytes(state.opt_state),
             "reference": per_device_bytes(state.reference),
@@ -308,21 +323,36 @@ def _compute_weights_bytes(shapes: StepShapes) -> float:
   return elements * shapes.model.compute_dtype.itemsize / shapes.mesh.shape["tensor"]
 
 
-def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
-  """The sampler's programs as the trainer runs them (XLA's decode code, as on an accelerator)."""
-  rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
-  sampling = sampler_lib.SamplingConfig(
+def _sampling(rollout: ml_collections.ConfigDict) -> sampler_lib.SamplingConfig:
+  return sampler_lib.SamplingConfig(
       max_new_tokens=rollout.max_new_tokens, pad_id=0, stop_ids=(0,),
       temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
       n=rollout.group_size)
+
+
+def _abstract_key(shapes: StepShapes):
+  return jax.ShapeDtypeStruct(shapes.state.rng.shape, shapes.state.rng.dtype,
+                              sharding=sharding.replicated(shapes.mesh))
+
+
+def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
+  """The programs of the rollout engine the run config names (`rollout.engine`)."""
+  if config.rollout.engine == "continuous":
+    return continuous_sampler_programs(config, shapes)
+  return static_sampler_programs(config, shapes)
+
+
+def static_sampler_programs(config: ml_collections.ConfigDict,
+                            shapes: StepShapes) -> list[Program]:
+  """The static sampler's program as the trainer runs it (XLA's decode code, as on an
+  accelerator)."""
+  rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
   model = nnx.merge(shapes.graphdef, shapes.state.params)
   sampler = sampler_lib.Sampler(model, mesh, kernels="xla")
   prompts = jax.ShapeDtypeStruct((rollout.prompts_per_step, shapes.prompt_width), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, 2))
-  key = jax.ShapeDtypeStruct(shapes.state.rng.shape, shapes.state.rng.dtype,
-                             sharding=sharding.replicated(mesh))
   arguments = (shapes.state.params, prompts, prompts.update(dtype=jnp.bool_))
-  traced = sampler.trace(*arguments, key, sampling)
+  traced = sampler.trace(*arguments, _abstract_key(shapes), _sampling(rollout))
   # Each decode step reads the compute-dtype weights and the blocks it attends over: the prompt
   # block, the blocks of earlier segments and its own segment's whole block.
   segments = sampler_lib.decode_segments(rollout.max_new_tokens)
@@ -337,6 +367,61 @@ def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> l
   return [Program("sampler", "sample", traced, arguments, moved,
                   while_trips=tuple(end - first for first, end in segments),
                   resident_bytes=resident)]
+
+
+def continuous_sampler_programs(config: ml_collections.ConfigDict,
+                                shapes: StepShapes) -> list[Program]:
+  """The continuous engine's prefill chunk and decode chunk over its page pool.
+
+  Runs per step, with every response at the cap (as for the static sampler): each prompt is
+  prefilled in chunks of `prefill_chunk` tokens (its bucket width, an upper bound); the live rows
+  hold as many groups as rows and pool pages allow (a group: its prompt's pages once, each
+  sample's response pages), and each wave of groups decodes max_new_tokens steps in chunks of
+  chunk_steps. A decode step reads the compute-dtype weights and, per row, the keys and values
+  of half a response past its prompt (the mean over the response). The rows are replicated on
+  every chip and the pool split over the tensor axis only, so the decode's FLOPs are spread over
+  the tensor axis alone.
+  """
+  rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
+  sampling = _sampling(rollout)
+  model = nnx.merge(shapes.graphdef, shapes.state.params)
+  sampler = continuous_lib.ContinuousSampler(model, continuous_lib.PoolConfig.from_rollout(
+      rollout), mesh)
+  pool = sampler.pool
+  traced = sampler.trace(shapes.state.params, _abstract_key(shapes), sampling,
+                         shapes.prompt_width)
+  pool_struct = continuous_lib.abstract_pool(pool, c, shapes.prompt_width,
+                                             rollout.max_new_tokens, mesh)
+  pages = pool_struct.shape[1]
+  # Keys and values of one token, per chip.
+  token_bytes = per_device_bytes(pool_struct) / (pages * pool.page_size)
+  prompt_pages = -(-shapes.prompt_width // pool.page_size)
+  response_pages = -(-rollout.max_new_tokens // pool.page_size)
+  groups = min(pool.rows // rollout.group_size,
+               (pages - 1) // (prompt_pages + rollout.group_size * response_pages))
+  if groups < 1:
+    raise ValueError(
+        f"rollout.kv_cache_gib={rollout.kv_cache_gib}: the pool's {pages} pages of "
+        f"{pool.page_size} slots cannot hold one group of {rollout.group_size} responses of "
+        f"{rollout.max_new_tokens} tokens to a {shapes.prompt_width}-token prompt "
+        f"({prompt_pages + rollout.group_size * response_pages} pages); raise it")
+  waves = -(-rollout.prompts_per_step // groups)
+  chunks = -(-rollout.max_new_tokens // pool.chunk_steps)
+  weights = _compute_weights_bytes(shapes)
+  attended = groups * rollout.group_size * (shapes.prompt_width + rollout.max_new_tokens / 2)
+  resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
+  prefill_args = (shapes.state.params, pool_struct)
+  decode_args = (shapes.state.params, pool_struct)
+  tensor = mesh.shape["tensor"]
+  return [
+      Program("sampler:prefill", "sample", traced["prefill"], prefill_args, weights,
+              resident_bytes=resident, compute_chips=tensor,
+              runs=rollout.prompts_per_step * -(-(shapes.prompt_width - 1) // pool.prefill_chunk)),
+      Program("sampler:decode", "sample", traced["decode"], decode_args,
+              pool.chunk_steps * (weights + attended * token_bytes),
+              while_trips=(pool.chunk_steps,), resident_bytes=resident, compute_chips=tensor,
+              runs=waves * chunks),
+  ]
 
 
 def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
@@ -393,6 +478,7 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
                 "hbm_bytes": target.hbm_bytes},
       "mesh": dict(mesh.shape),
       "model": dataclasses.asdict(model_config),
+      "engine": config.rollout.engine,
       "rows": shapes.rows,
       "prompt_width": shapes.prompt_width,
       "max_new_tokens": config.rollout.max_new_tokens,

@@ -46,6 +46,12 @@ def advice(report: dict) -> list[str]:
       continue
     head = (f"{program['name']} needs {program['peak_bytes_per_chip'] / GIB:.1f} GiB per chip "
             f"({program['temp_bytes'] / GIB:.1f} GiB temporaries): ")
+    if program["stage"] == "sample" and report.get("engine") == "continuous":
+      notes.append(head + (
+          f"its page pool is {b['kv_cache'] / GIB:.1f} GiB: lower rollout.kv_cache_gib (the "
+          "pool; fewer responses decode at once) or rollout.live_rows, or split kv heads over "
+          "more tensor chips"))
+      continue
     if program["stage"] == "sample":
       notes.append(head + (
           f"its KV cache is {b['kv_cache'] / GIB:.1f} GiB for {report['rows']} rows x "
@@ -85,16 +91,16 @@ def format_report(report: dict) -> str:
       f"per chip (GiB): params {_gib(b['params'])}, optimizer state {_gib(b['opt_state'])}, "
       f"reference {_gib(b['reference'])}, gradients (f32) {_gib(b['gradients'])}, KV cache "
       f"{_gib(b['kv_cache'])}; HBM {_gib(peaks['hbm_bytes'])}",
-      "program              peak GiB  temp GiB  fits (headroom GiB)  TFLOP/chip  projected s"
-      "  collectives (AR/AG/RS/A2A/CP)",
+      "program              peak GiB  temp GiB  fits (headroom GiB)  TFLOP/chip/run   runs"
+      "  projected s  collectives (AR/AG/RS/A2A/CP)",
   ]
   for p in report["programs"]:
     counts = ("/".join(str(count) for count in p["collectives"].values()) if p["collectives"]
               else "none: the compiler refused it, out of memory (peak: a lower bound)")
     fits = f"{'yes' if p['fits'] else 'NO'} ({p['headroom_bytes'] / GIB:+.1f})"
     lines.append(f"{p['name']:<20} {_gib(p['peak_bytes_per_chip']):>8}  "
-                 f"{_gib(p['temp_bytes']):>8}  {fits:<19}  {p['flops_per_chip'] / 1e12:>10.1f}"
-                 f"  {p['projected_s']:>8.1f} {p['bound'][:3]}  {counts}")
+                 f"{_gib(p['temp_bytes']):>8}  {fits:<19}  {p['flops_per_chip'] / 1e12:>14.3f}"
+                 f"  {p['runs']:>5}  {p['projected_s']:>8.1f} {p['bound'][:3]}  {counts}")
   lines.append(
       f"projected step {report['projected_step_s']:.1f} s = sample "
       f"{report['projected_sample_s']:.1f} s + update {report['projected_update_s']:.1f} s "

@@ -65,6 +65,13 @@ class PoolConfig:
       if not ok:
         raise ValueError(f"PoolConfig.{key}={getattr(self, key)!r} is out of range")
 
+  @classmethod
+  def from_rollout(cls, rollout) -> "PoolConfig":
+    """The pool of a run config's `rollout` section (live_rows, page_size, kv_cache_gib with 0
+    for room for every row, chunk_steps)."""
+    return cls(rows=rollout.live_rows, page_size=rollout.page_size,
+               kv_cache_gib=rollout.kv_cache_gib or None, chunk_steps=rollout.chunk_steps)
+
   def pool_pages(self, model_config, pages_per_sequence: int) -> int:
     if self.pages is not None:
       return self.pages
@@ -152,6 +159,22 @@ class _Group:
   limit: int
 
 
+def pages_per_sequence(pool: PoolConfig, prompt_width: int, max_new_tokens: int) -> int:
+  """Page-table length: the pages of a sequence of the longest prompt and response."""
+  return -(-(prompt_width + max_new_tokens) // pool.page_size)
+
+
+def abstract_pool(pool: PoolConfig, model_config, prompt_width: int, max_new_tokens: int,
+                  mesh: Mesh | None = None,
+                  rules=sharding.DEFAULT_RULES) -> jax.ShapeDtypeStruct:
+  """The pool a `ContinuousSampler.sample` call takes for prompts of `prompt_width` tokens, as a
+  ShapeDtypeStruct (sharded as `page_pool.pool_sharding` under a mesh)."""
+  pages = pool.pool_pages(model_config, pages_per_sequence(pool, prompt_width, max_new_tokens))
+  shape = page_pool.pool_shape(model_config, pages, pool.page_size)
+  placed = {} if mesh is None else {"sharding": page_pool.pool_sharding(shape, mesh, rules)}
+  return jax.ShapeDtypeStruct(shape, model_config.compute_dtype, **placed)
+
+
 def default_attention(mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
   """The paged attention for the devices in use: the TPU kernel on TPU, else the XLA gather."""
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
@@ -210,6 +233,30 @@ class ContinuousSampler:
     run.until_done()
     return run.output(tokens_BxP, mask_BxP)
 
+  def trace(self, state, key, config: SamplingConfig, prompt_width: int) -> dict:
+    """{"prefill": ..., "decode": ...}: the two programs `sample` runs, traced without running.
+
+    state and key may be abstract (`jax.ShapeDtypeStruct`s with shardings), so a dry run compiles
+    them ahead of time. The pool is the one `sample` would take for prompts of `prompt_width`
+    tokens; prefill writes one chunk of `PoolConfig.prefill_chunk` tokens; decode runs
+    `PoolConfig.chunk_steps` steps of every live row (its one while_loop).
+    """
+    pool = self.pool
+    per_sequence = pages_per_sequence(pool, prompt_width, config.max_new_tokens)
+    kv_pages = abstract_pool(pool, self.model_config, prompt_width, config.max_new_tokens,
+                             self.mesh, self.rules)
+    whole = {} if self.mesh is None else {"sharding": sharding.replicated(self.mesh)}
+    array = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, **whole)
+    per_row = array((pool.rows,))
+    rows = RowState(token_R=per_row, position_R=per_row, count_R=per_row, limit_R=per_row,
+                    sequence_R=per_row, live_R=array((pool.rows,), jnp.bool_),
+                    page_table_RxP=array((pool.rows, per_sequence)))
+    return {
+        "prefill": self._prefill.trace(state, kv_pages, array((1, pool.prefill_chunk)), array(()),
+                                       array(()), array((1, per_sequence))),
+        "decode": self._decode.trace(state, kv_pages, rows, key, config, pool.chunk_steps),
+    }
+
   def take_pool(self, pages: int, page_size: int):
     """The pool kept since the last call (a new one when its size differs); `keep_pool` gives
     it back."""
@@ -231,7 +278,7 @@ class _Run:
     self.sampler, self.state, self.key, self.config = sampler, state, key, config
     pool = sampler.pool
     self.page_size, self.steps = pool.page_size, pool.chunk_steps
-    self.pages_per_sequence = -(-(prompt_width + config.max_new_tokens) // self.page_size)
+    self.pages_per_sequence = pages_per_sequence(pool, prompt_width, config.max_new_tokens)
     pages = pool.pool_pages(sampler.model_config, self.pages_per_sequence)
     self.allocator = page_pool.PageAllocator(pages)
     self.kv_pages = sampler.take_pool(pages, self.page_size)

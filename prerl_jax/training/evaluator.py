@@ -29,9 +29,7 @@ def rollout_sampler(model, mesh, rollout: ml_collections.ConfigDict):
     raise ValueError(f"rollout.engine={rollout.engine!r}: expected one of {ROLLOUT_ENGINES}")
   if rollout.engine == "static":
     return Sampler(model, mesh)
-  pool = PoolConfig(rows=rollout.live_rows, page_size=rollout.page_size,
-                    kv_cache_gib=rollout.kv_cache_gib or None, chunk_steps=rollout.chunk_steps)
-  return ContinuousSampler(model, pool, mesh)
+  return ContinuousSampler(model, PoolConfig.from_rollout(rollout), mesh)
 
 
 class Evaluator:

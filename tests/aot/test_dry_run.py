@@ -1,5 +1,7 @@
 """Dry run: libtpu compiles a tiny step for a real v5p topology; exact per-chip bytes; loop FLOPs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,27 @@ def test_libtpu_compiles_the_step_for_a_v5p_topology(tpu_report):
       sampler["projected_s"] + train["projected_s"])
   assert sum(train["collectives"].values()) > 0
   assert "[simulated]" not in report_lib.format_report(tpu_report)
+
+
+def test_continuous_engine_compiles_its_pool_programs_with_the_tpu_paged_kernel():
+  pytest.importorskip("libtpu", reason="the TPU dry run needs libtpu: pip install -e .[tpu-aot]")
+  config = tiny_config()
+  config.rollout.engine = "continuous"
+  # head_dim 128: the TPU ragged paged attention kernel's lane width.
+  model = dataclasses.replace(TINY, head_dim=128)
+  report = dry_run.dry_run(config, "v5p-8", MESH, model_config=model)
+  assert [(p["name"], p["runs"]) for p in report["programs"]] == [
+      # 8 prompts of a 64-token bucket, one 512-token prefill chunk each; 64 live rows hold all
+      # 8 groups of 4 at once: 16 new tokens are one chunk of 16 decode steps.
+      ("sampler:prefill", 8), ("sampler:decode", 1), ("train:grpo", 1)]
+  # The pool: 64 rows x ceil((64 + 16) / 16) pages + the scratch page, 2 layers x 16 slots x
+  # (2 kv heads / tensor 2) x (k, v) x 128, float32.
+  assert report["bytes_per_chip"]["kv_cache"] == 2 * (64 * 5 + 1) * 16 * 1 * 2 * 128 * 4
+  decode = report["programs"][1]
+  assert decode["collectives"] is not None and decode["fits"]
+  assert decode["peak_bytes_per_chip"] >= report["bytes_per_chip"]["kv_cache"]
+  assert report["projected_sample_s"] == pytest.approx(
+      sum(p["projected_s"] for p in report["programs"][:2]))
 
 
 def test_a_simulated_target_says_so_in_every_line(tpu_report):
