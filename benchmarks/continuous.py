@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from bench_sampler import _prompts as repeated_prompts
+from benchmarks.sampler import repeated_prompts
 from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
 from prerl_jax.models.loading import load_model

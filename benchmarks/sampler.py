@@ -38,7 +38,7 @@ TEXTS = (
 )
 
 
-def _prompts(tokenizer, length: int) -> list[list[int]]:
+def repeated_prompts(tokenizer, length: int) -> list[list[int]]:
   """Each text repeated until it has `length` tokens."""
   prompts = []
   for text in TEXTS:
@@ -98,7 +98,7 @@ def main(argv, as_json: bool):
   args = parser.parse_args(argv)
 
   model, tokenizer = load_model("smollm2-135m")
-  prompts = _prompts(tokenizer, args.prompt_length)[:args.prompts]
+  prompts = repeated_prompts(tokenizer, args.prompt_length)[:args.prompts]
   rows = len(prompts) * args.n
   # No stop ids: every row generates all new tokens, as transformers does with min_new_tokens.
   config = SamplingConfig(max_new_tokens=args.new_tokens, pad_id=tokenizer.pad_token_id,

@@ -1,9 +1,10 @@
 """Writes docs/dry_run_table.md: dry runs of the paper-scale DSRL config per model and target.
 
 `python launch/dry_run_table.py [--targets=v5p-16,v5p-32,v5p-64,v6e-16,h100x8]
-[--models=qwen3-4b,qwen3-8b] [--cache_dir=DIR]`: one dry run (prerl_jax/aot/dry_run.py) per
-(model, target), all chips on fsdp. Each report is kept as DIR/<model>_<target>.json, so a rerun
-only compiles the missing cells.
+[--models=qwen3-4b,qwen3-8b] [--tuned=model:target:key=value,...;...] [--cache_dir=DIR]`: one
+dry run (prerl_jax/aot/dry_run.py) per (model, target), all chips on fsdp, plus the `--tuned`
+cells (the preset with a few settings changed, for targets where it does not fit). Each report is
+kept in DIR, so a rerun only compiles the missing cells.
 """
 
 import argparse
@@ -38,6 +39,11 @@ def _args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--targets", default="v5p-16,v5p-32,v5p-64,v6e-16,h100x8")
   parser.add_argument("--models", default="qwen3-4b,qwen3-8b")
+  parser.add_argument(
+      "--tuned", default="qwen3-4b:h100x8:optim.micro_batches=64,rollout.kv_cache_gib=16;"
+      "qwen3-8b:h100x8:optim.micro_batches=128,rollout.kv_cache_gib=16",
+      help="extra cells, model:target:key=value,... separated by ';' (settings changed from the "
+           "paper preset for a target where it does not fit)")
   parser.add_argument("--cache_dir", default=os.path.join(ROOT, "runs", "dry_run_table"))
   parser.add_argument("--output", default=os.path.join(ROOT, "docs", "dry_run_table.md"))
   return parser.parse_args()
@@ -48,7 +54,7 @@ def _gib(program: dict) -> str:
   return f"{lower}{program['peak_bytes_per_chip'] / GIB:.1f}"
 
 
-def _row(model: str, report: dict) -> str:
+def _row(model: str, report: dict, settings: str = "") -> str:
   """One markdown table row of a dry-run report."""
   b = report["bytes_per_chip"]
   programs = report["programs"]
@@ -60,7 +66,8 @@ def _row(model: str, report: dict) -> str:
   knob = next((a for a in report["advice"] if a.startswith(worst["name"])), "")
   knob = knob.split(": ", 1)[1].split(" (", 1)[0].split(", or ")[0] if knob else "-"
   compiler = "libtpu" if report["compiler"] == "tpu" else "SIMULATED (XLA:CPU)"
-  return (f"| {model} | {report['target']} ({report['chips']} chips) | {compiler} | "
+  where = f"{report['target']} ({report['chips']} chips)" + (f", {settings}" if settings else "")
+  return (f"| {model} | {where} | {compiler} | "
           f"{(b['params'] + b['opt_state']) / GIB:.1f} | {b['kv_cache'] / GIB:.1f} | "
           f"{_gib(sampler)} | {_gib(train)} | {report['peaks']['hbm_bytes'] / GIB:.1f} | "
           f"{'yes' if report['fits'] else 'no'} | {knob} | {report['projected_sample_s']:.0f} | "
@@ -77,27 +84,35 @@ def main():
   import configs  # pylint: disable=import-outside-toplevel
 
   os.makedirs(args.cache_dir, exist_ok=True)
+  cells = [(model, target, "") for model in args.models.split(",") for target in targets]
+  cells += [tuple(cell.split(":", 2)) for cell in filter(None, args.tuned.split(";"))]
   rows, timings = [], []
-  for model in args.models.split(","):
-    for target in targets:
-      path = os.path.join(args.cache_dir, f"{model}_{target}.json")
-      if not os.path.exists(path):
-        start = time.perf_counter()
-        report = dry_run.dry_run(configs.get_config("dsrl", f"paper,model={model}"), target)
-        report["dry_run_s"] = time.perf_counter() - start
-        with open(path, "w") as f:
-          json.dump(report, f, indent=1)
-      with open(path) as f:
-        report = json.load(f)
-      timings.append(f"{model} on {target}: {report['dry_run_s']:.0f} s")
-      print(timings[-1], flush=True)
-      rows.append(_row(model, report))
+  for model, target, settings in cells:
+    path = os.path.join(args.cache_dir, f"{model}_{target}{'_' + settings if settings else ''}.json")
+    if not os.path.exists(path):
+      config = configs.get_config("dsrl", f"paper,model={model}")
+      for item in filter(None, settings.split(",")):
+        key, value = item.split("=")
+        section, name = key.split(".")
+        config[section][name] = type(config[section][name])(value)
+      start = time.perf_counter()
+      report = dry_run.dry_run(config, target)
+      report["dry_run_s"] = time.perf_counter() - start
+      with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(path) as f:
+      report = json.load(f)
+    label = f"{target} with {settings}" if settings else target
+    timings.append(f"{model} on {label}: {report['dry_run_s']:.0f} s")
+    print(timings[-1], flush=True)
+    rows.append(_row(model, report, settings))
   header = [
       "| model | target | compiler | params + Adam GiB/chip | KV pool GiB/chip | sampler peak "
       "GiB/chip | train peak GiB/chip | HBM GiB | fits | knob | sample s | update s | step s |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  command = f"python launch/dry_run_table.py --targets={args.targets} --models={args.models}"
+  command = (f"python launch/dry_run_table.py --targets={args.targets} --models={args.models} "
+             f"--tuned='{args.tuned}'")
   text = "\n".join([
       "Paper-scale DSRL (`configs/dsrl.py:paper`: 128 prompts x 8 responses, prompt bucket 1024,"
       " 8192 new tokens, float32 params and Adam, bfloat16 compute, remat, 16 micro-batches),"
