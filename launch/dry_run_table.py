@@ -28,7 +28,7 @@ NOTES = (
     "modelled HBM bytes / bandwidth), no communication; FLOPs counted through every loop "
     "iteration, except inside Pallas kernels (splash and paged attention: not counted). Every "
     "response is assumed to reach the 8192-token cap (an upper bound), so the pool holds only "
-    "as many groups of 8 at full length as fit (3 here: 24 live sequences) and the decode runs in many waves; "
+    "as many groups of 8 at full length as fit (3 groups, 24 sequences, in a 32 GiB pool) and the decode runs in many waves; "
     "the engine's rows and pool are replicated on every fsdp chip (it splits kv heads over the "
     "tensor axis only), which is what the sample time shows. The update is compiled at the full "
     "8192-token width with `model.attention=auto` (splash on TPU, chunked when simulated). "
