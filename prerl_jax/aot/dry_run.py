@@ -383,12 +383,11 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
   the tensor axis alone.
   """
   rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
-  sampling = _sampling(rollout)
   model = nnx.merge(shapes.graphdef, shapes.state.params)
   sampler = continuous_lib.ContinuousSampler(model, continuous_lib.PoolConfig.from_rollout(
       rollout), mesh)
   pool = sampler.pool
-  traced = sampler.trace(shapes.state.params, _abstract_key(shapes), sampling,
+  traced = sampler.trace(shapes.state.params, _abstract_key(shapes), _sampling(rollout),
                          shapes.prompt_width)
   pool_struct = continuous_lib.abstract_pool(pool, c, shapes.prompt_width,
                                              rollout.max_new_tokens, mesh)
@@ -410,14 +409,13 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
   weights = _compute_weights_bytes(shapes)
   attended = groups * rollout.group_size * (shapes.prompt_width + rollout.max_new_tokens / 2)
   resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
-  prefill_args = (shapes.state.params, pool_struct)
-  decode_args = (shapes.state.params, pool_struct)
+  arguments = (shapes.state.params, pool_struct)
   tensor = mesh.shape["tensor"]
   return [
-      Program("sampler:prefill", "sample", traced["prefill"], prefill_args, weights,
+      Program("sampler:prefill", "sample", traced["prefill"], arguments, weights,
               resident_bytes=resident, compute_chips=tensor,
               runs=rollout.prompts_per_step * -(-(shapes.prompt_width - 1) // pool.prefill_chunk)),
-      Program("sampler:decode", "sample", traced["decode"], decode_args,
+      Program("sampler:decode", "sample", traced["decode"], arguments,
               pool.chunk_steps * (weights + attended * token_bytes),
               while_trips=(pool.chunk_steps,), resident_bytes=resident, compute_chips=tensor,
               runs=waves * chunks),
