@@ -111,9 +111,11 @@ def _cpu() -> ml_collections.ConfigDict:
                    engine="static", live_rows=64, kv_cache_gib=0.0, page_size=16,
                    chunk_steps=16)
   # pack: the update scores packed rows (prerl_jax.rl.packing) rather than rows padded to the
-  # longest response; row_tokens: tokens per packed row (0: the longest segment, rounded up).
+  # longest response; row_tokens: tokens per packed row (0: the longest segment, rounded up);
+  # share_prompts: packed conditional rows score each prompt once for all of its responses
+  # (where model.attention takes branch ids: xla, chunked; auto on CPU).
   c.optim = dict(learning_rate=1e-5, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999,
-                 micro_batches=2, pack=True, row_tokens=0)
+                 micro_batches=2, pack=True, row_tokens=0, share_prompts=True)
   c.reward = dict(timeout_s=5.0, workers=2)
   c.eval = dict(every=0, samples_per_problem=4, temperature=0.7, max_new_tokens=32,
                 prompts_per_call=16, at_start=True, at_end=True)

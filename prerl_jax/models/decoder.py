@@ -149,7 +149,8 @@ class Decoder(nnx.Module):
     if not config.tie_word_embeddings:
       self.lm_head = param("lm_head", (config.hidden_size, config.vocab_size), ("embed", "vocab"))
 
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, return_kv: bool = False):
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, return_kv: bool = False,
+               branch_ids_BxT=None):
     """Runs the decoder over a batch of token sequences (causal attention, layers under scan).
 
     Args:
@@ -161,6 +162,9 @@ class Decoder(nnx.Module):
         (left padding) is the one-segment case: True is segment 1, False padding.
       return_kv: also return every layer's keys [layers, B, kv_heads, head_dim, T] and values
         [layers, B, kv_heads, T, head_dim] (the sampler's prefill).
+      branch_ids_BxT: optional int32 branch of each token within its segment: a token sees the
+        earlier tokens of branch 0 (a shared prefix) and of its own branch
+        (`prerl_jax.models.attention_masks`).
 
     Returns:
       (hidden_BxTxD after the final norm, (keys, values) or None).
@@ -171,7 +175,8 @@ class Decoder(nnx.Module):
     rotation = rope.rotation(positions_BxT, rope.inverse_frequencies(config))
 
     def attend(q, k_BxTxKxH, v_BxTxKxH):
-      attended = attention.attend(q, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, config.attention)
+      attended = attention.attend(q, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, config.attention,
+                                  branch_ids_BxT)
       if not return_kv:
         return attended, None
       return attended, (k_BxTxKxH.transpose(0, 2, 3, 1), v_BxTxKxH.transpose(0, 2, 1, 3))

@@ -8,6 +8,14 @@ first-fit-decreasing into rows of `row_tokens` tokens: a marginal segment is its
 one BOS, so the marginal rows are fewer and shorter than the conditional rows of the same
 micro-batch (a both-space update pays for each space's own tokens).
 
+With `share_prompts`, the responses of one prompt go to the same micro-batch and, in the
+conditional space, share one copy of the prompt: a segment is `[prompt][response 1][response
+2]...`, each response fed at the positions that follow the prompt, and per-token branch ids (0 for
+the prompt, j for the j-th response) keep each response from seeing the others (verl's prefix
+grouper). A group of G responses then costs its prompt once instead of G times; the log-probs
+are those of the unshared layout (up to float rounding). When there are fewer prompts than
+micro-batches, each prompt's responses are cut into as many groups as it takes to fill them.
+
 Rows carry per-token segment ids (1, 2, ... within a row; 0 is padding; attention is causal
 within a segment) and positions that restart at 0 in each segment, as the padded layout counts
 them. The response tokens of a micro-batch are listed once, flat (`token_*`, N of them): the
@@ -26,6 +34,10 @@ from prerl_jax.data import padding
 from prerl_jax.rl.batch import RolloutBatch
 from prerl_jax.rl.objective import CONDITIONAL, MARGINAL
 
+# With shared prompts and no row_tokens, rows grow to hold a whole prompt group up to this many
+# tokens (then the group is split into segments of one prompt copy each).
+SHARED_ROW_TOKENS = 2048
+
 
 @flax.struct.dataclass
 class PackedRows:
@@ -34,6 +46,8 @@ class PackedRows:
   tokens, positions, segment_ids  (M, K, L) int32: K rows of L tokens per micro-batch
   token_row, predict_col          (M, N) int32: the row and column whose hidden state predicts
                                   response token n
+  branch_ids                      (M, K, L) int32 where the space shares prompts (0 for a
+                                  prompt, j for the j-th response of its segment), else None
   """
 
   tokens: jax.Array
@@ -41,6 +55,7 @@ class PackedRows:
   segment_ids: jax.Array
   token_row: jax.Array
   predict_col: jax.Array
+  branch_ids: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -71,27 +86,28 @@ class PackedBatch:
   spaces: dict
 
 
-def _assign_micro_batches(lengths_B, micro_batches: int) -> list[list[int]]:
-  """Rows of each micro-batch: the longest first, each to the micro-batch with fewest tokens."""
+def _assign_micro_batches(units: list[list[int]], costs, micro_batches: int) -> list[list[list[int]]]:
+  """Units (lists of batch rows) of each micro-batch: the costliest first, each to the
+  micro-batch with the least cost so far."""
   loads, members = np.zeros(micro_batches, np.int64), [[] for _ in range(micro_batches)]
-  for row in np.argsort(-lengths_B, kind="stable"):
+  for unit in np.argsort(-np.asarray(costs), kind="stable"):
     target = int(np.argmin(loads))
-    loads[target] += lengths_B[row]
-    members[target].append(int(row))
+    loads[target] += costs[unit]
+    members[target].append(units[unit])
   return members
 
 
-def _first_fit(rows: list[int], lengths_B, row_tokens: int) -> list[list[int]]:
-  """Batch rows packed first-fit-decreasing into rows of row_tokens tokens."""
+def _first_fit(items: list, lengths, capacity: int) -> list[list]:
+  """Items packed first-fit-decreasing by `lengths[item]` into bins of `capacity`."""
   packed, free = [], []
-  for row in sorted(rows, key=lambda r: -lengths_B[r]):
-    target = next((i for i, left in enumerate(free) if left >= lengths_B[row]), None)
+  for item in sorted(items, key=lambda i: -lengths[i]):
+    target = next((i for i, left in enumerate(free) if left >= lengths[item]), None)
     if target is None:
       packed.append([])
-      free.append(row_tokens)
+      free.append(capacity)
       target = len(packed) - 1
-    packed[target].append(row)
-    free[target] -= lengths_B[row]
+    packed[target].append(item)
+    free[target] -= lengths[item]
   return packed
 
 
@@ -100,8 +116,20 @@ def _bucket(count: int, multiple: int) -> int:
   return padding.doubling_bucket(max(count, 1), cap=np.iinfo(np.int32).max, smallest=multiple)
 
 
+def _prompt_groups(prompt_tokens, prompt_mask, rows: list[int], pieces_for) -> list[list[int]]:
+  """`rows` grouped by identical prompts (first-seen order), each group cut into
+  `pieces_for(number of groups)` units of nearly equal size."""
+  groups = {}
+  for b in rows:
+    groups.setdefault(prompt_tokens[b][prompt_mask[b]].tobytes(), []).append(b)
+  pieces = pieces_for(len(groups))
+  return [unit for group in groups.values()
+          for unit in (group[i::pieces] for i in range(min(pieces, len(group))))]
+
+
 def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int = 0,
-         bos_id: int | None = None, multiple_of: int = 1) -> PackedBatch:
+         bos_id: int | None = None, multiple_of: int = 1,
+         share_prompts: bool = False) -> PackedBatch:
   """The packed layout of a host RolloutBatch for scoring `spaces` (numpy arrays).
 
   row_tokens: tokens per row; 0 (or anything shorter than a space's longest segment) takes that
@@ -109,6 +137,9 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
     are multiple_of * 2**i (pass the number of batch devices under a mesh). bos_id: the marginal
     BOS, required when the marginal space is packed. Responses of length 0 score nothing and take
     no slot.
+  share_prompts: in the conditional space, the responses of one prompt (rows with identical
+    prompts) share one copy of it (module docstring); needs an attention backend that takes
+    branch ids (`prerl_jax.models.attention.supports_branches`).
   """
   spaces = tuple(spaces)
   for space in spaces:
@@ -126,21 +157,46 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
   response_len_B = response_mask.sum(axis=1)
   context_len = {CONDITIONAL: prompt_len_B, MARGINAL: np.ones_like(prompt_len_B)}
   fed_len = {s: context_len[s] + np.maximum(response_len_B - 1, 0) for s in spaces}
-  live = np.flatnonzero(response_len_B > 0)
+  live = [int(b) for b in np.flatnonzero(response_len_B > 0)]
+  shared = {s: share_prompts and s == CONDITIONAL for s in spaces}
 
-  longest_B = np.max([fed_len[s] for s in spaces], axis=0)
-  members = _assign_micro_batches(longest_B[live], micro_batches)
-  members = [[int(live[i]) for i in group] for group in members]
+  if any(shared.values()):
+    units = _prompt_groups(prompt_tokens, prompt_mask, live,
+                           lambda groups: -(-micro_batches // max(groups, 1)))
+  else:
+    units = [[b] for b in live]
+
+  def unit_cost(unit, s):
+    if shared[s]:
+      return int(context_len[s][unit[0]] + sum(fed_len[s][b] - context_len[s][b] for b in unit))
+    return int(sum(fed_len[s][b] for b in unit))
+
+  costs = [max(unit_cost(unit, s) for s in spaces) for unit in units]
+  unit_members = _assign_micro_batches(units, costs, micro_batches)
+  members = [[b for unit in group for b in unit] for group in unit_members]
   num_slots = _bucket(max(len(g) for g in members), multiple_of)
   num_tokens = _bucket(max(int(response_len_B[g].sum()) for g in members),
                        int(np.lcm(32, multiple_of)))
-  # Per space: its row width and, per micro-batch, its rows (lists of batch rows).
+  # Per space: its row width and, per micro-batch, its rows: lists of segments, each a list of
+  # batch rows that share the segment's context (one row unless the space shares prompts).
   layout = {}
   for s in spaces:
-    longest = int(fed_len[s][live].max(initial=1))
+    longest = int(max((fed_len[s][b] for b in live), default=1))
+    if shared[s] and row_tokens < longest:
+      longest_unit = max((unit_cost(unit, s) for unit in units), default=1)
+      longest = max(longest, min(longest_unit, SHARED_ROW_TOKENS))
     width = row_tokens if row_tokens >= longest else padding.doubling_bucket(
         longest, cap=np.iinfo(np.int32).max)
-    layout[s] = (width, [_first_fit(group, fed_len[s], width) for group in members])
+    rows_of = []
+    for group in unit_members:
+      if shared[s]:  # Each unit's responses, first-fit into segments of one prompt each.
+        segments = [tuple(seg) for unit in group for seg in _first_fit(
+            unit, fed_len[s] - context_len[s], width - int(context_len[s][unit[0]]))]
+      else:
+        segments = [(b,) for unit in group for b in unit]
+      seg_len = {seg: unit_cost(list(seg), s) for seg in segments}
+      rows_of.append(_first_fit(segments, seg_len, width))
+    layout[s] = (width, rows_of)
   response_width = response_tokens.shape[1]
 
   def zeros(*shape, dtype=np.int32):
@@ -178,23 +234,33 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
     arrays = {"tokens": zeros(num_rows, width), "positions": zeros(num_rows, width),
               "segment_ids": zeros(num_rows, width), "token_row": zeros(num_tokens),
               "predict_col": zeros(num_tokens)}
+    branches = zeros(num_rows, width) if shared[s] else None
     for m, packed_rows in enumerate(rows_of):
-      for k, row_members in enumerate(packed_rows):
+      for k, row_segments in enumerate(packed_rows):
         start = 0
-        for segment, b in enumerate(row_members, start=1):
-          r = int(response_len_B[b])
-          context = (prompt_tokens[b][prompt_mask[b]] if s == CONDITIONAL
+        for segment, seg in enumerate(row_segments, start=1):
+          context = (prompt_tokens[seg[0]][prompt_mask[seg[0]]] if s == CONDITIONAL
                      else np.array([bos_id], np.int32))
-          fed = np.concatenate([context, response_tokens[b, :r - 1]])
-          columns = slice(start, start + len(fed))
-          arrays["tokens"][m, k, columns] = fed
-          arrays["positions"][m, k, columns] = np.arange(len(fed))
-          arrays["segment_ids"][m, k, columns] = segment
-          tokens = slice(first_token[b], first_token[b] + r)
-          arrays["token_row"][m, tokens] = k
-          arrays["predict_col"][m, tokens] = start + len(context) - 1 + np.arange(r)
-          start += len(fed)
-    packed_spaces[s] = PackedRows(**arrays)
+          end = start + len(context)
+          arrays["tokens"][m, k, start:end] = context
+          arrays["positions"][m, k, start:end] = np.arange(len(context))
+          arrays["segment_ids"][m, k, start:end] = segment
+          for branch, b in enumerate(seg, start=1):
+            r = int(response_len_B[b])
+            columns = slice(end, end + r - 1)
+            arrays["tokens"][m, k, columns] = response_tokens[b, :r - 1]
+            arrays["positions"][m, k, columns] = len(context) + np.arange(r - 1)
+            arrays["segment_ids"][m, k, columns] = segment
+            if branches is not None:
+              branches[m, k, columns] = branch
+            tokens = slice(first_token[b], first_token[b] + r)
+            arrays["token_row"][m, tokens] = k
+            # Token 0 is predicted by the context's last token, token t by fed token t - 1.
+            arrays["predict_col"][m, tokens] = np.concatenate([[start + len(context) - 1],
+                                                               end + np.arange(r - 1)])
+            end += r - 1
+          start = end
+    packed_spaces[s] = PackedRows(**arrays, branch_ids=branches)
   return PackedBatch(rewards=np.asarray(batch.rewards, np.float32), old_logp=old_logp,
                      spaces=packed_spaces, **out)
 

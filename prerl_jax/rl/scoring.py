@@ -101,7 +101,8 @@ def packed_response_logprobs(model: Decoder, micro: PackedBatch, space: str, tem
   projection runs on the micro-batch's response tokens only.
   """
   rows = micro.spaces[space]
-  hidden_KxLxD, _ = model(rows.tokens, rows.positions, rows.segment_ids)
+  hidden_KxLxD, _ = model(rows.tokens, rows.positions, rows.segment_ids,
+                          branch_ids_BxT=rows.branch_ids)
   hidden_1xNxD = hidden_KxLxD[rows.token_row, rows.predict_col][None]
   logp_1xN, entropy_1xN = token_logprobs(model, hidden_1xNxD, micro.token_target[None],
                                          temperature, chunk_size)

@@ -22,6 +22,7 @@ from prerl_jax.errors import UserError
 from prerl_jax.data.task_data import data_files
 from prerl_jax.rl.schedule import schedule_from_config
 from prerl_jax.training.checkpointing import Checkpointer
+from prerl_jax.models import attention
 from prerl_jax.models.export import export_hf
 from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
 from prerl_jax.generate.sampler import prompt_batch
@@ -181,8 +182,18 @@ class Trainer:
     packed = packing.pack(
         rollout, scored_spaces(objective, both_spaces),
         micro_batches=optim.micro_batches, row_tokens=optim.row_tokens, bos_id=self.bos_id,
-        multiple_of=sharding.batch_devices(self.mesh))
+        multiple_of=sharding.batch_devices(self.mesh), share_prompts=self._share_prompts())
     return packing.shard(packed, self.mesh)
+
+  def _share_prompts(self) -> bool:
+    """optim.share_prompts where the model's attention backend can (logged once where not)."""
+    backend = self.model.config.attention
+    if self.config.optim.share_prompts and not attention.supports_branches(backend):
+      attention.log_once(f"optim.share_prompts: model.attention={backend} on "
+                         f"{jax.default_backend()} cannot share prompts; each response is "
+                         "scored with its own copy")
+      return False
+    return self.config.optim.share_prompts
 
   def train_step(self, step: int, batch) -> tuple[dict, list[str]]:
     """One RL step on a prompt batch: sample, score, update by the phase of `step`.

@@ -57,6 +57,30 @@ def test_reference_keeps_segments_apart():
   np.testing.assert_allclose(out[:1, 4:], alone, atol=1e-6)
 
 
+def test_branches_share_a_prefix_in_xla_and_chunked():
+  q, k, v, _ = inputs(24)
+  # Row 0: one segment, a 6-token prefix (branch 0) then branches 1, 2, 3 of 6 tokens each.
+  segments = jnp.ones((3, 24), jnp.int32)
+  branches = jnp.asarray(np.tile(np.repeat([0, 1, 2, 3], 6), (3, 1)), jnp.int32)
+  out = attention.xla_attention(q, k, v, segments, branches)
+  for b, cols in ((1, slice(6, 12)), (3, slice(18, 24))):
+    # A branch sees the prefix and itself: the same output as [prefix][branch] alone.
+    alone = lambda x: jnp.concatenate([x[:1, :6], x[:1, cols]], axis=1)
+    ref = attention.xla_attention(alone(q), alone(k), alone(v), jnp.ones((1, 12), jnp.int32))
+    np.testing.assert_allclose(out[:1, cols], ref[:, 6:], atol=1e-6)
+  assert not np.allclose(out, attention.xla_attention(q, k, v, segments), atol=1e-3)
+  chunked = lambda q, k, v, s: chunked_attention.attention(q, k, v, s, block=8,
+                                                           branch_ids_BxT=branches)
+  reference = lambda q, k, v, s: attention.xla_attention(q, k, v, s, branches)
+  (out, grads), (ref_out, ref_grads) = (value_and_grads(fn, q, k, v, segments)
+                                        for fn in (chunked, reference))
+  for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="model.attention='splash' cannot share a prompt"):
+    attention.attend(q, k, v, segments, "splash", branches)
+  assert attention.supports_branches("auto") and not attention.supports_branches("cudnn")
+
+
 @pytest.mark.parametrize("length,block", [(200, 64), (96, 96)])
 def test_chunked_matches_xla(length, block):
   assert_matches_reference(lambda *a: chunked_attention.attention(*a, block=block), length)

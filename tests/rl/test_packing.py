@@ -19,12 +19,17 @@ GROUP = 4
 BOTH = (oc.CONDITIONAL, oc.MARGINAL)
 
 
-def make_batch(rows=8, seed=0):
-  """A long-tail mix: most responses short, one at the 12-column cap, one empty."""
+def make_batch(rows=8, seed=0, groups_share_prompts=False):
+  """A long-tail mix: most responses short, one at the 12-column cap, one empty. Prompts are
+  random per row, or one per group of GROUP rows (as a sampler's batch has them)."""
   rng = np.random.default_rng(seed)
   response_lengths = rng.integers(1, 4, rows)
   response_lengths[2], response_lengths[5] = 12, 0
-  return rollout_batch(rng.integers(3, 128, (rows, 6)), rng.integers(1, 7, rows),
+  prompts, prompt_lengths = rng.integers(3, 128, (rows, 6)), rng.integers(1, 7, rows)
+  if groups_share_prompts:
+    prompts, prompt_lengths = prompts[::GROUP].repeat(GROUP, 0), prompt_lengths[::GROUP].repeat(
+        GROUP)
+  return rollout_batch(prompts, prompt_lengths,
                        rng.integers(3, 128, (rows, 12)), response_lengths,
                        rng.normal(-3.0, 0.5, (rows, 12)).astype(np.float32),
                        np.tile([1.0, 0.0, 0.0, 1.0], rows // 4))
@@ -87,13 +92,15 @@ accumulate = jax.jit(train_step.accumulate_gradients, static_argnums=(0, 3),
                                       "other_space_metrics"))
 
 
-def assert_packed_equals_unpacked(objective, batch, micro_batches=2, with_reference=False):
-  graphdef, params = nnx.split(random_model(CONFIG, seed=4))
+def assert_packed_equals_unpacked(objective, batch, micro_batches=2, with_reference=False,
+                                  share_prompts=False, attention="xla"):
+  graphdef, params = nnx.split(random_model(CONFIG.replace(attention=attention), seed=4))
   reference = nnx.state(random_model(CONFIG, seed=5)) if with_reference else None
   options = dict(group_size=GROUP, micro_batches=micro_batches, bos_id=BOS,
                  other_space_metrics=True, reference=reference)
   spaces = train_step.scored_spaces(objective, other_space_metrics=True)
-  packed = packing.pack(batch, spaces, micro_batches=micro_batches, bos_id=BOS)
+  packed = packing.pack(batch, spaces, micro_batches=micro_batches, bos_id=BOS,
+                        share_prompts=share_prompts)
   grads, loss, sums, max_diff = accumulate(graphdef, params, batch, objective, **options)
   p_grads, p_loss, p_sums, p_max_diff = accumulate(graphdef, params, packed, objective, **options)
   assert abs(float(p_loss) - float(loss)) < 1e-6
@@ -128,3 +135,57 @@ def test_packed_equals_unpacked_for_each_aggregation_with_kl_entropy_and_old_log
 def test_packed_equals_unpacked_for_every_preset(name, aggregation):
   assert_packed_equals_unpacked(oc.get_objective(name, aggregation=aggregation),
                                 make_batch(rows=12, seed=2), micro_batches=3)
+
+
+def test_shared_prompts_are_fed_once_per_segment_and_each_response_on_its_own_branch():
+  batch = make_batch(rows=12, seed=3, groups_share_prompts=True)
+  prompt_len = batch.prompt_mask.sum(1)
+  response_len = batch.response_mask.sum(1)
+  for micro_batches in (1, 2, 5):  # 3 prompts: 5 micro-batches cut each group in two.
+    packed = packing.pack(batch, BOTH, micro_batches=micro_batches, bos_id=BOS,
+                          share_prompts=True)
+    rows = packed.spaces[oc.CONDITIONAL]
+    assert packed.spaces[oc.MARGINAL].branch_ids is None  # A BOS is not worth sharing.
+    fed_tokens = 0
+    for m in range(micro_batches):
+      live = packed.response_mask[m].any(axis=1)
+      prompts = {int(b) // GROUP for b in packed.index[m][live]}
+      # Whole groups per micro-batch while there are enough of them.
+      assert micro_batches == 5 or all(
+          (packed.index[m][live] // GROUP == g).sum() == (response_len[g * GROUP:][:GROUP] > 0)
+          .sum() for g in prompts)
+      fed_tokens += int((rows.segment_ids[m] > 0).sum())
+      for slot in np.flatnonzero(live):
+        b = packed.index[m, slot]
+        tokens = np.flatnonzero(packed.token_slot[m] == slot)
+        row, cols = rows.token_row[m, tokens[0]], rows.predict_col[m, tokens]
+        context = batch.prompt_tokens[b][batch.prompt_mask[b]]
+        # Token 0 is predicted by the prompt's last token; the others by the response's own
+        # tokens, fed after the prompt's positions on one branch.
+        assert rows.tokens[m, row, cols[0]] == context[-1]
+        assert rows.branch_ids[m, row, cols[0]] == 0
+        assert rows.positions[m, row, cols[0]] == len(context) - 1
+        fed = cols[1:]  # The columns of response tokens 0 .. L - 2.
+        np.testing.assert_array_equal(rows.tokens[m, row, fed],
+                                      batch.response_tokens[b, :response_len[b] - 1])
+        np.testing.assert_array_equal(rows.positions[m, row, fed],
+                                      len(context) + np.arange(response_len[b] - 1))
+        if len(fed):
+          assert len(set(rows.branch_ids[m, row, fed])) == 1 and rows.branch_ids[m, row, fed[0]]
+          segment = rows.segment_ids[m, row, fed[0]]
+          first = np.flatnonzero(rows.segment_ids[m, row] == segment)[0]
+          np.testing.assert_array_equal(rows.tokens[m, row, first:first + len(context)], context)
+    pieces = {1: 1, 2: 1, 5: 2}[micro_batches]  # Prompt copies per group.
+    expected = sum(prompt_len[g * GROUP] * pieces + (np.maximum(
+        response_len[g * GROUP:][:GROUP] - 1, 0)).sum() for g in range(3))
+    assert fed_tokens == expected
+
+
+@pytest.mark.parametrize("name, micro_batches, attention", [
+    ("grpo", 2, "xla"), ("nsr_prerl", 3, "chunked"), ("w_reinforce", 1, "xla")])
+def test_shared_prompts_give_the_unshared_loss_gradients_and_metrics(name, micro_batches,
+                                                                     attention):
+  assert_packed_equals_unpacked(oc.get_objective(name, space="both"),
+                                make_batch(rows=12, seed=2, groups_share_prompts=True),
+                                micro_batches=micro_batches, share_prompts=True,
+                                attention=attention)
