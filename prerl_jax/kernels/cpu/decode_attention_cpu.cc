@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_attention_lanes.h"
 #include "cpu_kernel_pool.h"
 #include "cpu_register_tile.h"
 #include "cpu_vector_exp.h"
@@ -122,24 +123,15 @@ struct Scratch {
   Lookahead ahead;
 };
 
-// A SIMD register of floats, as a GCC/Clang vector extension: eight lanes with AVX (the library
-// is built with -march=native where the compiler takes it), four otherwise (SSE, NEON).
-#if defined(__AVX__)
-constexpr int64_t kLanes = 8;
-#else
-constexpr int64_t kLanes = 4;
-#endif
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-// As many int32 lanes: comparison results (all bits set where true) and exponent bits.
-typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec Load(const float* p) { return prerl_jax::LoadVector<Vec>(p); }
-
-inline void Store(float* p, Vec v) { prerl_jax::StoreVector(p, v); }
-
-inline Vec Select(const Mask& where, const Vec& a, const Vec& b) {
-  return prerl_jax::SelectLanes<Vec, Mask>(where, a, b);
-}
+using prerl_jax::lanes::kLanes;
+using prerl_jax::lanes::Load;
+using prerl_jax::lanes::Mask;
+using prerl_jax::lanes::Maximum;
+using prerl_jax::lanes::Rotate;
+using prerl_jax::lanes::Select;
+using prerl_jax::lanes::Store;
+using prerl_jax::lanes::Sum;
+using prerl_jax::lanes::Vec;
 
 // out[r, j:j+W] = a[r] @ b[K, j:j+W] for the Rows rows r of a (K apart) and W = V * kLanes
 // columns (b's rows `ldb` apart, out's `N` apart), stepping `ahead` once per k.
@@ -209,34 +201,6 @@ void Product(const float* a, const float* b, int64_t ldb, float* out, int64_t M,
   }
 }
 
-// Maximum and sum of x[0:C] a vector at a time: written out, because a plain reduction
-// loop does not vectorize without -ffast-math, which this file must not use (it would fold
-// prerl_jax::Exp's rounding away).
-float Maximum(const float* x, int64_t C) {
-  float result = -std::numeric_limits<float>::infinity();
-  int64_t c = 0;
-  if (C >= kLanes) {
-    Vec lanes = Load(x);
-    for (c = kLanes; c + kLanes <= C; c += kLanes) {
-      const Vec v = Load(x + c);
-      lanes = Select(v > lanes, v, lanes);
-    }
-    for (int64_t i = 0; i < kLanes; ++i) result = std::max(result, lanes[i]);
-  }
-  for (; c < C; ++c) result = std::max(result, x[c]);
-  return result;
-}
-
-float Sum(const float* x, int64_t C) {
-  Vec lanes = {};
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) lanes += Load(x + c);
-  float result = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) result += lanes[i];
-  for (; c < C; ++c) result += x[c];
-  return result;
-}
-
 // Applies `f` to x[0:C] and keep[0:C] a vector at a time (the last C % kLanes slots through a
 // padded vector), writing its result into x.
 template <typename F>
@@ -249,18 +213,6 @@ void Lanewise(float* x, const float* keep, int64_t C, F f) {
     std::copy(keep + c, keep + C, tail_keep);
     Store(tail_x, f(Load(tail_x), Load(tail_keep)));
     std::copy(tail_x, tail_x + (C - c), x + c);
-  }
-}
-
-// out[h * stride] for h < H = x[0:H] rotated by the angles of cos and sin [H / 2], in Hugging
-// Face's rotate_half layout, with the same products and sums as prerl_jax/rope.py's
-// apply_rotation.
-void Rotate(const float* x, const float* cos, const float* sin, int64_t H, float* out,
-            int64_t stride) {
-  const int64_t half = H / 2;
-  for (int64_t j = 0; j < half; ++j) {
-    out[j * stride] = x[j] * cos[j] - x[j + half] * sin[j];
-    out[(j + half) * stride] = x[j + half] * cos[j] + x[j] * sin[j];
   }
 }
 

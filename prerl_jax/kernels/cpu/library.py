@@ -1,8 +1,9 @@
 """The sampler's CPU kernels (C++ XLA:CPU FFI handlers): built on first use, then registered.
 
 One library holds the kernels: the decode attention (`decode_attention_cpu.cc`, used through
-`cpu_attention`), the packed-weight matmuls (`packed_matmul_cpu.cc`, through `cpu_matmul`) and
-the RMSNorm (`rms_norm_cpu.cc`, through `cpu_norm`). It is compiled once per source, compiler
+`cpu_attention`), the paged decode attention (`paged_attention_cpu.cc`, through
+`cpu_paged_attention`), the packed-weight matmuls (`packed_matmul_cpu.cc`, through
+`cpu_matmul`) and the RMSNorm (`rms_norm_cpu.cc`, through `cpu_norm`). It is compiled once per source, compiler
 and CPU with the system C++ compiler ($CXX, or c++) into $PRERL_JAX_CACHE/kernels. Where no
 compiler works, `unavailable_reason()` says why and the sampler keeps XLA's code (see
 `Sampler(kernels=...)`).
@@ -24,11 +25,13 @@ from prerl_jax.training import caches
 
 _HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(_HERE, name) for name in (
-    "decode_attention_cpu.cc", "packed_matmul_cpu.cc", "rms_norm_cpu.cc"))
+    "decode_attention_cpu.cc", "paged_attention_cpu.cc", "packed_matmul_cpu.cc",
+    "rms_norm_cpu.cc"))
 HEADERS = tuple(os.path.join(_HERE, name) for name in (
-    "cpu_kernel_pool.h", "cpu_register_tile.h", "cpu_vector_exp.h"))
+    "cpu_attention_lanes.h", "cpu_kernel_pool.h", "cpu_register_tile.h", "cpu_vector_exp.h"))
 # FFI target name -> the handler symbol the library exports.
 HANDLERS = {"prerl_decode_attention": "PrerlDecodeAttention",
+            "prerl_paged_attention": "PrerlPagedAttention",
             "prerl_packed_matmul": "PrerlPackedMatmul",
             "prerl_packed_matmul_residual": "PrerlPackedMatmulResidual",
             "prerl_gated_matmul": "PrerlGatedMatmul",
