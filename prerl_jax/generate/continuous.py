@@ -24,6 +24,8 @@ import collections
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,9 @@ from prerl_jax import sharding
 from prerl_jax.generate import page_pool
 from prerl_jax.generate.paged_attention import gather_attention
 from prerl_jax.generate.paged_forward import compute_weights, paged_forward
-from prerl_jax.generate.sampler import SampleOutput, SamplingConfig, choose_tokens
+from prerl_jax.generate.sampler import SampleOutput, SamplingConfig, choose_tokens, \
+    resolve_kernels
+from prerl_jax.kernels.cpu import paged_decode as cpu_paged_decode
 from prerl_jax.kernels.tpu import paged_attention as tpu_attention
 from prerl_jax.models.decoder import Decoder
 
@@ -105,14 +109,45 @@ def _prefill_program(graphdef, state, kv_pages, tokens_1xT, start, count, page_t
   return kv_pages
 
 
-def _decode_program(graphdef, state, kv_pages, rows: RowState, key, config: SamplingConfig,
-                    steps: int, attention):
+class DecodeCode(NamedTuple):
+  """How `_decode_program` runs a decode step. `pack(model)` lays the weights out once per
+  `sample` call (its own program, outside the decode chunks); `step(model, packed)` returns the
+  step `(kv_pages, token_R, position_R, live_R, page_table_RxP) -> (logits_RxV, kv_pages)`."""
+
+  pack: Callable
+  step: Callable
+
+
+def xla_code(attention) -> DecodeCode:
+  """The decode step as `paged_forward` (layers under scan) with `attention`, then
+  `model.logits`; nothing packed outside."""
+
+  def step(model: Decoder, packed):
+    weights = compute_weights(model)
+
+    def logits(kv_pages, token_R, position_R, live_R, page_table_RxP):
+      hidden_Rx1xD, kv_pages = paged_forward(model, weights, kv_pages, token_R[:, None],
+                                             position_R[:, None], live_R[:, None],
+                                             page_table_RxP, attention)
+      return model.logits(hidden_Rx1xD)[:, 0], kv_pages
+
+    return logits
+
+  return DecodeCode(pack=lambda model: (), step=step)
+
+
+CPU_CODE = DecodeCode(cpu_paged_decode.pack, cpu_paged_decode.step)
+
+
+def _decode_program(graphdef, state, packed, kv_pages, rows: RowState, key,
+                    config: SamplingConfig, steps: int, code: DecodeCode):
   """Up to `steps` decode steps of every live row; returns (pool, rows, tokens_RxK,
-  logprobs_RxK) with the tokens each row sampled in its first columns."""
+  logprobs_RxK) with the tokens each row sampled in its first columns. `packed` is
+  `code.pack(model)`."""
   model: Decoder = nnx.merge(graphdef, state)
   num_rows = rows.token_R.shape[0]
   stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
-  weights = compute_weights(model)
+  logits = code.step(model, packed)
 
   def choose(logits_V, sequence, count):
     token, logprob = choose_tokens(logits_V[None], jax.random.fold_in(
@@ -121,11 +156,9 @@ def _decode_program(graphdef, state, kv_pages, rows: RowState, key, config: Samp
 
   def body(loop):
     step, kv_pages, rows, tokens_RxK, logprobs_RxK = loop
-    hidden_Rx1xD, kv_pages = paged_forward(
-        model, weights, kv_pages, rows.token_R[:, None], rows.position_R[:, None],
-        rows.live_R[:, None], rows.page_table_RxP, attention)
-    token_R, logprob_R = jax.vmap(choose)(model.logits(hidden_Rx1xD)[:, 0], rows.sequence_R,
-                                          rows.count_R)
+    logits_RxV, kv_pages = logits(kv_pages, rows.token_R, rows.position_R, rows.live_R,
+                                  rows.page_table_RxP)
+    token_R, logprob_R = jax.vmap(choose)(logits_RxV, rows.sequence_R, rows.count_R)
     live_R = rows.live_R
     tokens_RxK = tokens_RxK.at[:, step].set(jnp.where(live_R, token_R, config.pad_id))
     logprobs_RxK = logprobs_RxK.at[:, step].set(jnp.where(live_R, logprob_R, 0.0))
@@ -143,6 +176,13 @@ def _decode_program(graphdef, state, kv_pages, rows: RowState, key, config: Samp
           jnp.zeros((num_rows, steps), jnp.float32))
   _, kv_pages, rows, tokens_RxK, logprobs_RxK = jax.lax.while_loop(cond, body, loop)
   return kv_pages, rows, tokens_RxK, logprobs_RxK
+
+
+def _decode_widths(rows: int) -> tuple[int, ...]:
+  """The row counts a decode chunk is compiled for: a quarter, half and all of the rows (a
+  chunk runs the narrowest that holds the occupied rows, so a long tail of responses decodes
+  without the finished rows' work)."""
+  return tuple(sorted({-(-rows // parts) for parts in (4, 2, 1)}))
 
 
 def _prefill_widths(prefill_chunk: int) -> tuple[int, ...]:
@@ -186,23 +226,30 @@ def default_attention(mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
 class ContinuousSampler:
   """Samples like `Sampler.sample`, with continuous batching over a page pool (module docstring).
 
-  `attention` computes the attention over pages: `gather_attention` (XLA, any backend) or
+  `attention` computes the prefill's attention over pages, and the decode's under
+  kernels="xla": `gather_attention` (XLA, any backend) or
   `prerl_jax.kernels.tpu.paged_attention.ragged_attention(mesh)`; by default
-  `default_attention(mesh)`.
+  `default_attention(mesh)`. `kernels` picks the decode step's code as `Sampler(kernels=...)`
+  does: "xla" (`paged_forward`, layers under scan) or "cpu" (`cpu_paged_decode`: the C++ kernels
+  for one float32 CPU device, layers unrolled over weights packed once per `sample` call);
+  "auto" takes "cpu" where it applies. `self.kernels` is the choice.
   """
 
   def __init__(self, model: Decoder, pool: PoolConfig = PoolConfig(), mesh: Mesh | None = None,
-               rules=sharding.DEFAULT_RULES, attention=None):
+               rules=sharding.DEFAULT_RULES, attention=None, kernels: str = "auto"):
     attention = attention or default_attention(mesh, rules)
     self.graphdef, _ = nnx.split(model)
     self.model_config = model.config
     self.pool = pool
     self.mesh, self.rules = mesh, rules
+    self.kernels = resolve_kernels(kernels, model.config.compute_dtype, mesh, "ContinuousSampler")
+    code = CPU_CODE if self.kernels == "cpu" else xla_code(attention)
     self._kv_pages = None
     self._prefill = jax.jit(functools.partial(_prefill_program, self.graphdef,
                                               attention=attention), donate_argnums=(1,))
-    self._decode = jax.jit(functools.partial(_decode_program, self.graphdef, attention=attention),
-                           static_argnums=(4, 5), donate_argnums=(1,))
+    self._pack = jax.jit(lambda state: code.pack(nnx.merge(self.graphdef, state)))
+    self._decode = jax.jit(functools.partial(_decode_program, self.graphdef, code=code),
+                           static_argnums=(5, 6), donate_argnums=(2,))
     self._copy = jax.jit(page_pool.copy_pages, donate_argnums=(0,))
 
   def sample(self, state, prompt_tokens_BxP, prompt_mask_BxP, key, config: SamplingConfig,
@@ -254,7 +301,8 @@ class ContinuousSampler:
     return {
         "prefill": self._prefill.trace(state, kv_pages, array((1, pool.prefill_chunk)), array(()),
                                        array(()), array((1, per_sequence))),
-        "decode": self._decode.trace(state, kv_pages, rows, key, config, pool.chunk_steps),
+        "decode": self._decode.trace(state, jax.eval_shape(self._pack, state), kv_pages, rows,
+                                     key, config, pool.chunk_steps),
     }
 
   def take_pool(self, pages: int, page_size: int):
@@ -282,6 +330,7 @@ class _Run:
     pages = pool.pool_pages(sampler.model_config, self.pages_per_sequence)
     self.allocator = page_pool.PageAllocator(pages)
     self.kv_pages = sampler.take_pool(pages, self.page_size)
+    self.packed = sampler._pack(state)
     self.queue = collections.deque(groups)
     rows = pool.rows
     self.rows = dict(token_R=np.zeros(rows, np.int32), position_R=np.zeros(rows, np.int32),
@@ -295,6 +344,7 @@ class _Run:
     self.tokens = [[] for _ in range(total)]
     self.logprobs = [[] for _ in range(total)]
     self.widths = _prefill_widths(pool.prefill_chunk)
+    self.decode_widths = _decode_widths(rows)
 
   def until_done(self):
     while self.queue or self.admitted:
@@ -406,20 +456,25 @@ class _Run:
     return self.allocator.release(pages)
 
   def _decode_chunk(self):
-    rows = RowState(**{name: jnp.asarray(value) for name, value in self.rows.items()})
+    """One decode chunk of the occupied rows, run as the first rows of the narrowest decode
+    width that holds them (free rows, which are not live, fill the rest)."""
+    occupied = [row for row, group in enumerate(self.row_group) if group is not None]
+    free = [row for row, group in enumerate(self.row_group) if group is None]
+    width = min(w for w in self.decode_widths if w >= len(occupied))
+    index = np.asarray(occupied + free[:width - len(occupied)])
+    rows = RowState(**{name: jnp.asarray(value[index]) for name, value in self.rows.items()})
     self.kv_pages, rows, tokens_RxK, logprobs_RxK = self.sampler._decode(
-        self.state, self.kv_pages, rows, self.key, self.config, self.steps)
+        self.state, self.packed, self.kv_pages, rows, self.key, self.config, self.steps)
     tokens_RxK, logprobs_RxK = sharding.to_host((tokens_RxK, logprobs_RxK))
     before = self.rows["count_R"].copy()
     fields = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
-    self.rows.update({name: np.array(value) for name, value in sharding.to_host(fields).items()})
-    for row in range(len(self.row_group)):
+    for name, value in sharding.to_host(fields).items():
+      self.rows[name][index] = value
+    for column, row in enumerate(occupied):
       group = self.row_group[row]
-      if group is None:
-        continue
       sequence, emitted = self.rows["sequence_R"][row], self.rows["count_R"][row] - before[row]
-      self.tokens[sequence] += tokens_RxK[row, :emitted].tolist()
-      self.logprobs[sequence] += logprobs_RxK[row, :emitted].tolist()
+      self.tokens[sequence] += tokens_RxK[column, :emitted].tolist()
+      self.logprobs[sequence] += logprobs_RxK[column, :emitted].tolist()
       if not self.rows["live_R"][row]:
         group.sequences.remove(sequence)
         self._free_row(row)

@@ -295,10 +295,10 @@ def _sample_program(graphdef, state, prompt_tokens_BxP, prompt_mask_BxP, key,
 KERNEL_CHOICES = ("auto", "xla", "cpu")
 
 
-def _resolve_kernels(choice: str, compute_dtype, mesh: Mesh | None) -> str:
-  """The decode code `Sampler(kernels=choice)` runs, "xla" or "cpu" (module docstring)."""
+def resolve_kernels(choice: str, compute_dtype, mesh: Mesh | None, owner: str = "Sampler") -> str:
+  """The decode code `owner(kernels=choice)` runs, "xla" or "cpu" (module docstring)."""
   if choice not in KERNEL_CHOICES:
-    raise ValueError(f"Sampler kernels={choice!r}: expected one of {KERNEL_CHOICES}")
+    raise ValueError(f"{owner} kernels={choice!r}: expected one of {KERNEL_CHOICES}")
   if choice == "xla":
     return choice
   devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
@@ -307,11 +307,11 @@ def _resolve_kernels(choice: str, compute_dtype, mesh: Mesh | None) -> str:
   if choice == "auto":
     return "cpu" if fits and cpu_kernels.unavailable_reason() is None else "xla"
   if not fits:
-    raise ValueError(f"Sampler kernels='cpu' needs one CPU device and float32 compute, "
+    raise ValueError(f"{owner} kernels='cpu' needs one CPU device and float32 compute, "
                      f"got {len(devices)} {devices[0].platform} device(s) and {compute_dtype}")
   reason = cpu_kernels.unavailable_reason()
   if reason is not None:
-    raise RuntimeError(f"Sampler kernels='cpu': {reason}")
+    raise RuntimeError(f"{owner} kernels='cpu': {reason}")
   return choice
 
 
@@ -331,7 +331,7 @@ class Sampler:
     self.model_config = model.config
     self.mesh = mesh
     self.rules = rules
-    self.kernels = _resolve_kernels(kernels, model.config.compute_dtype, mesh)
+    self.kernels = resolve_kernels(kernels, model.config.compute_dtype, mesh)
     program = functools.partial(_sample_program, self.graphdef, mesh=mesh, rules=rules,
                                 kernels=self.kernels)
     static = (4,)  # config

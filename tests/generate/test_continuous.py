@@ -8,10 +8,12 @@ import pytest
 from flax import nnx
 
 import tiny_models
+from kernel_marks import needs_cpu_kernels
 from prerl_jax import sharding
 from prerl_jax.generate import continuous
 from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.sampler import SamplingConfig, prompt_batch
+from prerl_jax.kernels.cpu import library as cpu_kernels
 from prerl_jax.models.loading import load_model
 from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _hf_greedy, _prompts, \
     _teacher_forced_logp
@@ -20,9 +22,9 @@ from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _hf_greedy, _p
 STOPS = (STOP, 5, 7, 11, 13, 17, 19, 23, 29, 31)
 
 
-def _sample(model, prompts, config, key=0, **pool):
+def _sample(model, prompts, config, key=0, kernels="auto", **pool):
   tokens, mask = prompt_batch(prompts, config)
-  return ContinuousSampler(model, PoolConfig(**pool)).sample(
+  return ContinuousSampler(model, PoolConfig(**pool), kernels=kernels).sample(
       nnx.state(model), tokens, mask, jax.random.key(key), config)
 
 
@@ -63,7 +65,42 @@ def test_samples_do_not_depend_on_rows_or_chunk_steps(tiny):
       first.tokens_NxM[np.arange(len(lengths)), lengths - 1], STOPS))
 
 
-def test_top_k_top_p_stay_in_allowed_set(tiny):
+@needs_cpu_kernels
+@pytest.mark.parametrize("greedy", [True, False])
+def test_cpu_kernels_sample_what_xla_samples(tiny, greedy):
+  """The CPU decode (C++ kernels, layers unrolled over packed weights, paged attention kernel)
+  samples the XLA decode's tokens, with log-probs within 1e-5, on a pool small enough that
+  pages are freed and reused and rows retire mid-chunk."""
+  _, model = tiny["qwen3"]
+  config = SamplingConfig(max_new_tokens=18, pad_id=PAD, stop_ids=STOPS, temperature=0.8, n=2,
+                          greedy=greedy, prompt_buckets=BUCKETS)
+  prompts = _prompts((6, 1, 13, 4, 9), seed=6)
+  pool = dict(rows=4, page_size=4, pages=16, chunk_steps=5)
+  runs = {kernels: _sample(model, prompts, config, key=4, kernels=kernels, **pool)
+          for kernels in ("xla", "cpu")}
+  xla, cpu = runs["xla"], runs["cpu"]
+  lengths = np.asarray(xla.lengths_N)
+  assert lengths.max() == 18 and (greedy or lengths.min() < 10)
+  np.testing.assert_array_equal(cpu.tokens_NxM, xla.tokens_NxM)
+  np.testing.assert_array_equal(cpu.lengths_N, xla.lengths_N)
+  np.testing.assert_allclose(cpu.logprobs_NxM, xla.logprobs_NxM, atol=1e-5)
+  assert np.abs(np.asarray(xla.logprobs_NxM)).max() > 0.1
+
+
+def test_kernel_choice(tiny):
+  """"auto" takes the CPU kernels for one float32 CPU device (where they build) and XLA's code
+  on a mesh; "cpu" on a mesh is refused, naming the sampler."""
+  _, model = tiny["llama"]
+  auto = "cpu" if cpu_kernels.unavailable_reason() is None else "xla"
+  assert ContinuousSampler(model).kernels == auto
+  assert ContinuousSampler(model, kernels="xla").kernels == "xla"
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert ContinuousSampler(model, mesh=mesh).kernels == "xla"
+  with pytest.raises(ValueError, match="ContinuousSampler kernels='cpu' needs one CPU device"):
+    ContinuousSampler(model, mesh=mesh, kernels="cpu")
+
+
+
   _, model = tiny["llama"]
   config = SamplingConfig(max_new_tokens=6, pad_id=PAD, temperature=1.5, top_k=8, top_p=0.5,
                           n=16, prompt_buckets=BUCKETS)

@@ -19,7 +19,7 @@ from prerl_jax.generate import decode
 from prerl_jax.models import rope
 from prerl_jax import sharding
 from prerl_jax.models.decoder import dense, gated_dense, rms_norm
-from prerl_jax.generate.sampler import _resolve_kernels
+from prerl_jax.generate.sampler import resolve_kernels
 
 
 
@@ -157,16 +157,16 @@ def test_kernel_requires_the_last_block_aliased():
 
 
 def test_resolve_kernel_choices():
-  assert _resolve_kernels("xla", jnp.float32, None) == "xla"
-  assert _resolve_kernels("auto", jnp.bfloat16, None) == "xla"
+  assert resolve_kernels("xla", jnp.float32, None) == "xla"
+  assert resolve_kernels("auto", jnp.bfloat16, None) == "xla"
   mesh = sharding.make_mesh(2, 2, 2)
-  assert _resolve_kernels("auto", jnp.float32, mesh) == "xla"
+  assert resolve_kernels("auto", jnp.float32, mesh) == "xla"
   with pytest.raises(ValueError, match="kernels='flash'.*expected one of"):
-    _resolve_kernels("flash", jnp.float32, None)
+    resolve_kernels("flash", jnp.float32, None)
   with pytest.raises(ValueError, match="one CPU device and float32.*8 cpu device"):
-    _resolve_kernels("cpu", jnp.float32, mesh)
+    resolve_kernels("cpu", jnp.float32, mesh)
   if cpu_kernels.unavailable_reason() is None:
-    assert _resolve_kernels("auto", jnp.float32, None) == "cpu"
+    assert resolve_kernels("auto", jnp.float32, None) == "cpu"
 
 
 def test_failed_build_names_source_and_compiler(tmp_path, monkeypatch):
