@@ -2,6 +2,9 @@
 page_pool.write_tokens and gather_attention; only the live rows' new slots change; pages no live
 row reads never matter; bad tables and dtypes are refused."""
 
+import functools
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,7 @@ from kernel_marks import needs_cpu_kernels
 
 from prerl_jax.generate import page_pool
 from prerl_jax.generate.paged_attention import gather_attention
+from prerl_jax.kernels.cpu import library as cpu_kernels
 from prerl_jax.kernels.cpu import paged_attention as cpu_paged_attention
 from prerl_jax.models import rope
 
@@ -48,9 +52,10 @@ def _reference(q, k, v, rotation, pool, layer):
   return out, pool.at[layer].set(pages)
 
 
-def _kernel(q, k, v, rotation, pool, layer):
-  return jax.jit(cpu_paged_attention.write_and_attend, static_argnums=5)(
-      q, k, v, rotation, pool, layer, TABLES, POSITIONS, LIVE)
+def _kernel(q, k, v, rotation, pool, layer, suffix=""):
+  kernel = functools.partial(cpu_paged_attention.write_and_attend, suffix=suffix)
+  return jax.jit(kernel, static_argnums=5)(q, k, v, rotation, pool, layer, TABLES, POSITIONS,
+                                          LIVE)
 
 
 @needs_cpu_kernels
@@ -73,6 +78,22 @@ def test_kernel_matches_write_tokens_and_gather_attention(kv, groups, head_dim):
   written = {(1, TABLES[n, p // PAGE_SIZE] - 1, p % PAGE_SIZE) for n, p in enumerate(POSITIONS)
              if LIVE[n]}
   assert {tuple(x) for x in changed} == written
+
+
+@needs_cpu_kernels
+def test_portable_build_matches_reference(tmp_path):
+  """Built without -march=native (4-lane vectors, so other lane sums), the kernel computes the
+  same attention, with a head size that leaves scalar columns after the vectors."""
+  library = str(tmp_path / "portable.so")
+  subprocess.run(cpu_kernels.compile_command(cpu_kernels.compiler(), library, native=False),
+                 check=True, capture_output=True)
+  cpu_kernels.register(library, "_paged_portable")
+  for kv, groups, head_dim in ((2, 3, 16), (1, 2, 10)):
+    q, k, v, rotation, pool = _case(kv, groups, head_dim, seed=head_dim)
+    got, _ = _kernel(q, k, v, rotation, pool, 0, suffix="_paged_portable")
+    expected, _ = _reference(q, k, v, rotation, pool, 0)
+    np.testing.assert_allclose(np.asarray(got)[LIVE], np.asarray(expected)[LIVE], atol=1e-5,
+                               rtol=1e-5)
 
 
 @needs_cpu_kernels
