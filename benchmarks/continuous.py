@@ -95,7 +95,8 @@ def main(argv, as_json: bool):
       "prompts": args.prompts, "n": args.n, "long": args.long, "short": args.short,
       "long_share": float(np.mean(lengths == args.long)), "useful_tokens": useful,
       "prompt_bucket": int(tokens.shape[1]), "static_rows": args.static_rows,
-      "static_kernels": static.kernels, "rows": args.rows, "page_size": args.page_size,
+      "static_kernels": static.kernels, "continuous_kernels": continuous.kernels,
+      "rows": args.rows, "page_size": args.page_size,
       "pool_pages": pool.pages, "kv_slots": slots, "chunk_steps": args.chunk_steps,
       "runs": args.runs, "times_s": times, "first_call_s": first_call_s,
       "static_tokens_per_s": useful / best["static"],
@@ -112,7 +113,7 @@ def main(argv, as_json: bool):
       f"{args.static_rows} rows, {static.kernels} kernels; {best['static']:.1f} s)",
       f"  continuous: {results['continuous_tokens_per_s']:7.1f} tokens/s ({args.rows} rows, "
       f"{pool.pages} pages of {args.page_size} = the static batch's {slots} slots; chunks of "
-      f"{args.chunk_steps} steps; {best['continuous']:.1f} s)",
+      f"{args.chunk_steps} steps, {continuous.kernels} kernels; {best['continuous']:.1f} s)",
       f"  speedup:    {results['speedup']:.2f}x",
   ]
   common.report(results, as_json, lines)

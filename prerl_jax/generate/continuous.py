@@ -1,6 +1,7 @@
 """Continuous-batching sampler over a page-pool KV cache (`page_pool`).
 
-A fixed number of decode rows run a jitted chunk of up to `chunk_steps` decode steps; between
+A fixed number of decode rows run a jitted chunk of up to `chunk_steps` decode steps (the
+occupied rows, at the narrowest of a quarter, half or all of the rows that holds them); between
 chunks the host retires the rows whose sequence stopped, frees their pages, and admits queued
 prompts into free rows, until every sample is done. A prompt is admitted with all of its
 remaining samples: its first `length - 1` tokens are prefilled once (in chunks of at most

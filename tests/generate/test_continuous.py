@@ -75,9 +75,13 @@ def test_cpu_kernels_sample_what_xla_samples(tiny, greedy):
   config = SamplingConfig(max_new_tokens=18, pad_id=PAD, stop_ids=STOPS, temperature=0.8, n=2,
                           greedy=greedy, prompt_buckets=BUCKETS)
   prompts = _prompts((6, 1, 13, 4, 9), seed=6)
-  pool = dict(rows=4, page_size=4, pages=16, chunk_steps=5)
-  runs = {kernels: _sample(model, prompts, config, key=4, kernels=kernels, **pool)
-          for kernels in ("xla", "cpu")}
+  tokens, mask = prompt_batch(prompts, config)
+  runs = {}
+  for kernels in ("xla", "cpu"):
+    sampler = ContinuousSampler(model, PoolConfig(rows=4, page_size=4, pages=16, chunk_steps=5),
+                                kernels=kernels)
+    runs[kernels] = sampler.sample(nnx.state(model), tokens, mask, jax.random.key(4), config)
+    assert sampler._decode._cache_size() > 1  # Chunks ran at narrower widths than 4 rows.
   xla, cpu = runs["xla"], runs["cpu"]
   lengths = np.asarray(xla.lengths_N)
   assert lengths.max() == 18 and (greedy or lengths.min() < 10)
