@@ -30,6 +30,7 @@
 
 #include "cpu_attention_lanes.h"
 #include "cpu_kernel_pool.h"
+#include "cpu_new_token.h"
 #include "cpu_register_tile.h"
 #include "cpu_vector_exp.h"
 #include "xla/ffi/api/ffi.h"
@@ -123,15 +124,7 @@ struct Scratch {
   Lookahead ahead;
 };
 
-using prerl_jax::lanes::kLanes;
-using prerl_jax::lanes::Load;
-using prerl_jax::lanes::Mask;
-using prerl_jax::lanes::Maximum;
-using prerl_jax::lanes::Rotate;
-using prerl_jax::lanes::Select;
-using prerl_jax::lanes::Store;
-using prerl_jax::lanes::Sum;
-using prerl_jax::lanes::Vec;
+using namespace prerl_jax::lanes;
 
 // out[r, j:j+W] = a[r] @ b[K, j:j+W] for the Rows rows r of a (K apart) and W = V * kLanes
 // columns (b's rows `ldb` apart, out's `N` apart), stepping `ahead` once per k.
@@ -322,16 +315,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> last_keys,
                            ffi::ResultBuffer<ffi::F32> last_values) {
   auto qd = q.dimensions();
-  if (qd.size() != 4) return Invalid("q must be [rows, kv_heads, groups, head_dim]");
-  for (auto dims : {new_keys.dimensions(), new_values.dimensions()}) {
-    if (dims.size() != 3 || dims[0] != qd[0] || dims[1] != qd[1] || dims[2] != qd[3]) {
-      return Invalid("new keys and values must be [rows, kv_heads, head_dim] like q");
-    }
-  }
-  if (qd[3] % 2 != 0 || cos.element_count() != qd[0] * qd[3] / 2 ||
-      sin.element_count() != cos.element_count()) {
-    return Invalid("cos and sin must be [rows, head_dim / 2] (an even head_dim)");
-  }
+  const std::string shape_error =
+      prerl_jax::NewTokenShapeError(q, new_keys, new_values, cos, sin);
+  if (!shape_error.empty()) return Invalid(shape_error);
   if (offset.element_count() != 1) return Invalid("offset must be a scalar");
   if (blocks.size() == 0 || blocks.size() % 3 != 0) {
     return Invalid("expected (keys, values, mask) per block, got " + std::to_string(blocks.size()) +

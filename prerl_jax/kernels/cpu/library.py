@@ -28,7 +28,8 @@ SOURCES = tuple(os.path.join(_HERE, name) for name in (
     "decode_attention_cpu.cc", "paged_attention_cpu.cc", "packed_matmul_cpu.cc",
     "rms_norm_cpu.cc"))
 HEADERS = tuple(os.path.join(_HERE, name) for name in (
-    "cpu_attention_lanes.h", "cpu_kernel_pool.h", "cpu_register_tile.h", "cpu_vector_exp.h"))
+    "cpu_attention_lanes.h", "cpu_kernel_pool.h", "cpu_new_token.h", "cpu_register_tile.h",
+    "cpu_vector_exp.h"))
 # FFI target name -> the handler symbol the library exports.
 HANDLERS = {"prerl_decode_attention": "PrerlDecodeAttention",
             "prerl_paged_attention": "PrerlPagedAttention",

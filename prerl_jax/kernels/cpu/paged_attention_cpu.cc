@@ -37,6 +37,7 @@
 
 #include "cpu_attention_lanes.h"
 #include "cpu_kernel_pool.h"
+#include "cpu_new_token.h"
 #include "cpu_register_tile.h"
 #include "cpu_vector_exp.h"
 #include "xla/ffi/api/ffi.h"
@@ -45,14 +46,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using prerl_jax::lanes::kLanes;
-using prerl_jax::lanes::Load;
-using prerl_jax::lanes::Mask;
-using prerl_jax::lanes::Maximum;
-using prerl_jax::lanes::Rotate;
-using prerl_jax::lanes::Store;
-using prerl_jax::lanes::Sum;
-using prerl_jax::lanes::Vec;
+using namespace prerl_jax::lanes;
 
 struct Problem {
   const float* q;           // [N, K, G, H]
@@ -288,16 +282,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           int64_t layer, float scale, ffi::ResultBuffer<ffi::F32> out,
                           ffi::ResultBuffer<ffi::F32> kv_pages_out) {
   auto qd = q.dimensions(), td = page_table.dimensions(), pd = kv_pages.dimensions();
-  if (qd.size() != 4) return Invalid("q must be [rows, kv_heads, groups, head_dim]");
-  for (auto dims : {new_keys.dimensions(), new_values.dimensions()}) {
-    if (dims.size() != 3 || dims[0] != qd[0] || dims[1] != qd[1] || dims[2] != qd[3]) {
-      return Invalid("new keys and values must be [rows, kv_heads, head_dim] like q");
-    }
-  }
-  if (qd[3] % 2 != 0 || cos.element_count() != qd[0] * qd[3] / 2 ||
-      sin.element_count() != cos.element_count()) {
-    return Invalid("cos and sin must be [rows, head_dim / 2] (an even head_dim)");
-  }
+  const std::string shape_error =
+      prerl_jax::NewTokenShapeError(q, new_keys, new_values, cos, sin);
+  if (!shape_error.empty()) return Invalid(shape_error);
   if (td.size() != 2 || td[0] != qd[0] || td[1] < 1 || positions.element_count() != qd[0] ||
       live.element_count() != qd[0]) {
     return Invalid("the page table must be [rows, pages per row], positions and live [rows]");
