@@ -86,7 +86,8 @@ class PackedBatch:
   spaces: dict
 
 
-def _assign_micro_batches(units: list[list[int]], costs, micro_batches: int) -> list[list[list[int]]]:
+def _assign_micro_batches(units: list[list[int]], costs,
+                          micro_batches: int) -> list[list[list[int]]]:
   """Units (lists of batch rows) of each micro-batch: the costliest first, each to the
   micro-batch with the least cost so far."""
   loads, members = np.zeros(micro_batches, np.int64), [[] for _ in range(micro_batches)]

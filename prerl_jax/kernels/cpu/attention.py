@@ -19,7 +19,7 @@ TARGET = "prerl_decode_attention"  # Registered by prerl_jax.kernels.cpu.library
 def write_and_attend(q_NxTxNHxH, k_NxTxKxH, v_NxTxKxH, rotation, offset, blocks,
                      suffix: str = ""):
   """`decode.write_and_attend` as one FFI call (float32 queries, keys and values); `suffix` picks
-  a library registered under other names (`cpu_kernels.register`).
+  a library registered under other names (`library.register`).
 
   The last block's keys and values are results aliased to their operands, so inside the decode
   loop the new token is written in place."""

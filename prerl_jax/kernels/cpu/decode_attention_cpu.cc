@@ -1,10 +1,10 @@
 // Decode attention over per-layer cache blocks, as one XLA:CPU FFI call per layer.
 //
-// Computes what prerl_jax/decode.py's `write_and_attend` computes (float32): the new token's
-// queries and keys are rotated (rotary embeddings), its keys and values are written at slot
-// `offset` of the last cache block, then one query token per row attends over all the blocks;
-// each block gets its own softmax statistics, combined at the end as in flash-decoding. Built
-// and registered by prerl_jax/cpu_kernels.py.
+// Computes what prerl_jax/generate/decode.py's `write_and_attend` computes (float32): the new
+// token's queries and keys are rotated (rotary embeddings), its keys and values are written at
+// slot `offset` of the last cache block, then one query token per row attends over all the
+// blocks; each block gets its own softmax statistics, combined at the end as in flash-decoding.
+// Built and registered by prerl_jax/kernels/cpu/library.py.
 //
 // Operands: q [N, K, G, H], the new keys [N, K, H] and values [N, K, H] (q and the keys not yet
 // rotated), the rotary cos and sin [N, H / 2] of each row's new token, offset (int32 scalar),

@@ -51,7 +51,7 @@ def pack_layer(layer_weights: dict) -> dict:
 
 def matmul(x, weight: PackedWeight, residual=None, suffix: str = ""):
   """x [..., K] times the packed weight, plus `residual` where given: [..., *outputs] (float32).
-  `suffix` picks a library registered under other names (`cpu_kernels.register`)."""
+  `suffix` picks a library registered under other names (`library.register`)."""
   outputs = math.prod(weight.output_shape)
   result = jax.ShapeDtypeStruct((*x.shape[:-1], outputs), jnp.float32)
   operands = [x.astype(jnp.float32), weight.panels_PxKxR]

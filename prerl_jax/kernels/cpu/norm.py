@@ -14,7 +14,7 @@ TARGET = "prerl_rms_norm"  # Registered by prerl_jax.kernels.cpu.library.
 
 def rms_norm(x, weight, eps: float, suffix: str = ""):
   """RMSNorm of float32 x [..., D] over its last axis with a weight [D]. `suffix` picks a library
-  registered under other names (`cpu_kernels.register`)."""
+  registered under other names (`library.register`)."""
   if x.dtype != jnp.float32:
     raise TypeError(f"the CPU RMSNorm kernel takes float32 inputs, got {x.dtype}; use "
                     "Sampler(kernels='xla')")

@@ -2,7 +2,7 @@
 //
 // out [M, D] = x [M, D] * rsqrt(mean(x^2 over D) + eps) * weight [D] (float32), the products in
 // that order as in prerl_jax/model.py's rms_norm; the mean is summed in eight lanes, so it can
-// differ from XLA's in the last bits. Built and registered by prerl_jax/cpu_kernels.py.
+// differ from XLA's in the last bits. Built and registered by prerl_jax/kernels/cpu/library.py.
 //
 // Why a kernel: XLA:CPU ran each decode-step norm as three or four small ops (a reduce, the
 // rsqrt, the products), about 0.1 ms per norm at 64 rows x 576, where this is one call.
