@@ -117,13 +117,14 @@ def _bucket(count: int, multiple: int) -> int:
   return padding.doubling_bucket(max(count, 1), cap=np.iinfo(np.int32).max, smallest=multiple)
 
 
-def _prompt_groups(prompt_tokens, prompt_mask, rows: list[int], pieces_for) -> list[list[int]]:
-  """`rows` grouped by identical prompts (first-seen order), each group cut into
-  `pieces_for(number of groups)` units of nearly equal size."""
+def _prompt_groups(prompt_tokens, prompt_mask, rows: list[int],
+                   micro_batches: int) -> list[list[int]]:
+  """`rows` grouped by identical prompts (first-seen order); with fewer groups than
+  micro-batches, each group is cut into as many units of nearly equal size as fill them."""
   groups = {}
   for b in rows:
     groups.setdefault(prompt_tokens[b][prompt_mask[b]].tobytes(), []).append(b)
-  pieces = pieces_for(len(groups))
+  pieces = -(-micro_batches // max(len(groups), 1))
   return [unit for group in groups.values()
           for unit in (group[i::pieces] for i in range(min(pieces, len(group))))]
 
@@ -162,8 +163,7 @@ def pack(batch: RolloutBatch, spaces, *, micro_batches: int = 1, row_tokens: int
   shared = {s: share_prompts and s == CONDITIONAL for s in spaces}
 
   if any(shared.values()):
-    units = _prompt_groups(prompt_tokens, prompt_mask, live,
-                           lambda groups: -(-micro_batches // max(groups, 1)))
+    units = _prompt_groups(prompt_tokens, prompt_mask, live, micro_batches)
   else:
     units = [[b] for b in live]
 
