@@ -3,8 +3,9 @@
 One library holds the kernels: the decode attention (`decode_attention_cpu.cc`, used through
 `cpu_attention`), the paged decode attention (`paged_attention_cpu.cc`, through
 `cpu_paged_attention`), the packed-weight matmuls (`packed_matmul_cpu.cc`, through
-`cpu_matmul`) and the RMSNorm (`rms_norm_cpu.cc`, through `cpu_norm`). It is compiled once per source, compiler
-and CPU with the system C++ compiler ($CXX, or c++) into $PRERL_JAX_CACHE/kernels. Where no
+`cpu_matmul`) and the RMSNorm (`rms_norm_cpu.cc`, through `cpu_norm`). It is compiled once per
+source, compiler and CPU with the system C++ compiler ($CXX, or c++) into
+$PRERL_JAX_CACHE/kernels. Where no
 compiler works, `unavailable_reason()` says why and the sampler keeps XLA's code (see
 `Sampler(kernels=...)`).
 """
