@@ -19,6 +19,7 @@ def _normal(rng, *shape):
 @pytest.mark.parametrize("x_shape,w_shape,input_axes", [
     ((2, 3, 40), (40, 50), 1),        # 6 rows (a 4-row tile and 2 single rows), a partial panel.
     ((5, 1, 64), (64, 3, 16), 1),     # Two output axes (wq), 48 columns: two full panels.
+    ((3, 7, 33), (33, 30), 1),        # 21 rows: two 8-row tiles, a 4-row tile and a single row.
     ((4, 2, 24), (2, 12, 72), 2),     # Two input axes (wo).
     ((1, 1, 7), (7, 1), 1),           # One column.
 ])
@@ -41,6 +42,7 @@ def test_matmul_matches_dense(x_shape, w_shape, input_axes, with_residual):
 @pytest.mark.parametrize("x_shape,columns,gate_scale", [
     ((2, 3, 40), 50, 1.0),   # 6 rows (a 4-row tile and 2 single rows), a partial panel.
     ((4, 1, 16), 48, 30.0),  # Gate values far past +-88, where the kernel's exp saturates.
+    ((2, 7, 24), 30, 1.0),   # 14 rows: an 8-row tile, a 4-row tile and 2 single rows.
 ])
 def test_gated_matmul_matches_gated_dense(x_shape, columns, gate_scale):
   rng = np.random.default_rng(columns)
