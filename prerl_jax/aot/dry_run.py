@@ -71,8 +71,7 @@ class Program:
     iterations of each while_loop of the program, in trace order.
   hbm_bytes_moved: modelled HBM traffic of one run (module docstring).
   resident_bytes: train state held in HBM beside the program's arguments while it runs.
-  runs: how many times a step runs it. compute_chips: over how many chips its FLOPs are spread
-    (None: all of the target's).
+  runs: how many times a step runs it. Its FLOPs are spread over all of the target's chips.
   """
 
   name: str
@@ -83,7 +82,6 @@ class Program:
   while_trips: tuple[int, ...] = ()
   resident_bytes: int = 0
   runs: int = 1
-  compute_chips: int | None = None
 
 
 def per_device_bytes(tree) -> int:
@@ -190,7 +188,7 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
                    + memory["temp_bytes"] + memory["code_bytes"])
   peak = compiler_peak + program.resident_bytes
   flops = (matmul_flops(program.traced.jaxpr.jaxpr, program.while_trips)
-           / (program.compute_chips or target.chips))
+           / target.chips)
   compute_s = flops / target.bf16_flops
   memory_s = program.hbm_bytes_moved / target.hbm_bandwidth
   return {
@@ -374,13 +372,13 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
   """The continuous engine's prefill chunk and decode chunk over its page pool.
 
   Runs per step, with every response at the cap (as for the static sampler): each prompt is
-  prefilled in chunks of `prefill_chunk` tokens (its bucket width, an upper bound); the live rows
-  hold as many groups as rows and pool pages allow (a group: its prompt's pages once, each
-  sample's response pages), and each wave of groups decodes max_new_tokens steps in chunks of
-  chunk_steps. A decode step reads the compute-dtype weights and, per row, the keys and values
-  of half a response past its prompt (the mean over the response). The rows are replicated on
-  every chip and the pool split over the tensor axis only, so the decode's FLOPs are spread over
-  the tensor axis alone.
+  prefilled in chunks of `prefill_chunk` tokens (its bucket width, an upper bound), a prompt per
+  batch shard per call; each shard's live rows hold as many groups as its rows and pool pages
+  allow (a group: its prompt's pages once, each sample's response pages), and each wave of
+  groups over all shards decodes max_new_tokens steps in chunks of chunk_steps. A decode step
+  reads the compute-dtype weights and, per row of a chip's shard, the keys and values of half a
+  response past its prompt (the mean over the response). Rows and pages are split over the batch
+  axes and kv heads over the tensor axis, so the FLOPs are spread over every chip.
   """
   rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
   model = nnx.merge(shapes.graphdef, shapes.state.params)
@@ -391,7 +389,8 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
                          shapes.prompt_width)
   pool_struct = continuous_lib.abstract_pool(pool, c, shapes.prompt_width,
                                              rollout.max_new_tokens, mesh)
-  pages = pool_struct.shape[1]
+  shards = sampler.shards
+  pages = pool_struct.shape[1] // shards  # Per shard.
   # Keys and values of one token, per chip.
   token_bytes = per_device_bytes(pool_struct) / (pages * pool.page_size)
   prompt_pages = -(-shapes.prompt_width // pool.page_size)
@@ -404,21 +403,20 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
         f"{pool.page_size} slots cannot hold one group of {rollout.group_size} responses of "
         f"{rollout.max_new_tokens} tokens to a {shapes.prompt_width}-token prompt "
         f"({prompt_pages + rollout.group_size * response_pages} pages); raise it")
-  waves = -(-rollout.prompts_per_step // groups)
+  waves = -(-rollout.prompts_per_step // (groups * shards))
   chunks = -(-rollout.max_new_tokens // pool.chunk_steps)
   weights = _compute_weights_bytes(shapes)
   attended = groups * rollout.group_size * (shapes.prompt_width + rollout.max_new_tokens / 2)
   resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
   arguments = (shapes.state.params, pool_struct)
-  tensor = mesh.shape["tensor"]
+  prefill_calls = -(-rollout.prompts_per_step // shards)
   return [
       Program("sampler:prefill", "sample", traced["prefill"], arguments, weights,
-              resident_bytes=resident, compute_chips=tensor,
-              runs=rollout.prompts_per_step * -(-(shapes.prompt_width - 1) // pool.prefill_chunk)),
+              resident_bytes=resident,
+              runs=prefill_calls * -(-(shapes.prompt_width - 1) // pool.prefill_chunk)),
       Program("sampler:decode", "sample", traced["decode"], arguments,
               pool.chunk_steps * (weights + attended * token_bytes),
-              while_trips=(pool.chunk_steps,), resident_bytes=resident, compute_chips=tensor,
-              runs=waves * chunks),
+              while_trips=(pool.chunk_steps,), resident_bytes=resident, runs=waves * chunks),
   ]
 
 

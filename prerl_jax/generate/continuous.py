@@ -10,11 +10,17 @@ from the prompt's last token in pages of its own. Pages are taken as rows need t
 pool runs out, the most recently admitted prompt is put back at the head of the queue and its
 pages freed (it is sampled again later, with the same result).
 
+Under a mesh with S batch shards (the data and fsdp axes), every shard has `PoolConfig.rows`
+rows and a pool part of its own (`page_pool`); a prompt's samples all run in one shard (its
+prompt pages are shared), the one with the most free rows (then pages, then the lowest index)
+among those that can hold it, so S times the rows decode at once and a step samples S times as
+many prompts per wave. Prompts admitted together are prefilled together, one per shard per call.
+
 Results do not depend on scheduling: sample s of prompt i is sequence i * n + s, and its t-th
 token is drawn with `fold_in(fold_in(key, sequence), t)`, so the same key gives the same tokens
-whatever the row count, chunk size, pool size or admission order (up to float rounding of
-different batch shapes). Every scheduling decision is taken from host copies of the chunks'
-results, which are the same on every host of a multi-host run.
+whatever the row count, shard count, chunk size, pool size or admission order (up to float
+rounding of different batch shapes). Every scheduling decision is taken from host copies of the
+chunks' results, which are the same on every host of a multi-host run.
 
 `sample` returns the `SampleOutput` of `Sampler.sample` (the same log-prob convention); the draws
 differ from the static sampler's, which keys by step only.
@@ -49,9 +55,10 @@ from prerl_jax.models.decoder import Decoder
 class PoolConfig:
   """Size and pace of the continuous sampler.
 
-  rows: live decode rows. pages: pool pages (the scratch page included); None sizes the pool
-  from `kv_cache_gib`, or else gives every row room for its longest sequence. chunk_steps: decode
-  steps per host round trip. prefill_chunk: most prompt tokens per prefill call.
+  rows: live decode rows per batch shard. pages: pool pages per batch shard (its scratch page
+  included); None sizes the pool from `kv_cache_gib` (per chip), or else gives every row room for
+  its longest sequence. chunk_steps: decode steps per host round trip. prefill_chunk: most prompt
+  tokens per prefill call.
   """
 
   rows: int = 64
@@ -78,6 +85,7 @@ class PoolConfig:
                kv_cache_gib=rollout.kv_cache_gib or None, chunk_steps=rollout.chunk_steps)
 
   def pool_pages(self, model_config, pages_per_sequence: int) -> int:
+    """Pages per batch shard."""
     if self.pages is not None:
       return self.pages
     if self.kv_cache_gib is not None:
@@ -99,14 +107,15 @@ class RowState:
   page_table_RxP: jax.Array
 
 
-def _prefill_program(graphdef, state, kv_pages, tokens_1xT, start, count, page_table_1xP,
-                     attention):
-  """The pool with `count` prompt tokens written from position `start`."""
+def _prefill_program(graphdef, state, kv_pages, tokens_SxT, start_S, count_S, page_table_SxP,
+                     attention, mesh, rules):
+  """The pool with `count_S[s]` prompt tokens of row s written from position `start_S[s]` (a row
+  per batch shard; a row with count 0 writes nothing)."""
   model: Decoder = nnx.merge(graphdef, state)
-  positions_1xT = start + jnp.arange(tokens_1xT.shape[1])[None]
-  valid_1xT = jnp.arange(tokens_1xT.shape[1])[None] < count
-  _, kv_pages = paged_forward(model, compute_weights(model), kv_pages, tokens_1xT, positions_1xT,
-                              valid_1xT, page_table_1xP, attention)
+  offsets_T = jnp.arange(tokens_SxT.shape[1])
+  _, kv_pages = paged_forward(model, compute_weights(model), kv_pages, tokens_SxT,
+                              start_S[:, None] + offsets_T, offsets_T < count_S[:, None],
+                              page_table_SxP, attention, mesh, rules)
   return kv_pages
 
 
@@ -119,7 +128,7 @@ class DecodeCode(NamedTuple):
   step: Callable
 
 
-def xla_code(attention) -> DecodeCode:
+def xla_code(attention, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> DecodeCode:
   """The decode step as `paged_forward` (layers under scan) with `attention`, then
   `model.logits`; nothing packed outside."""
 
@@ -129,7 +138,7 @@ def xla_code(attention) -> DecodeCode:
     def logits(kv_pages, token_R, position_R, live_R, page_table_RxP):
       hidden_Rx1xD, kv_pages = paged_forward(model, weights, kv_pages, token_R[:, None],
                                              position_R[:, None], live_R[:, None],
-                                             page_table_RxP, attention)
+                                             page_table_RxP, attention, mesh, rules)
       return model.logits(hidden_Rx1xD)[:, 0], kv_pages
 
     return logits
@@ -194,10 +203,11 @@ def _prefill_widths(prefill_chunk: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class _Group:
-  """A prompt and the samples of it still to be sampled."""
+  """A prompt, the samples of it still to be sampled, and the shard it runs in once admitted."""
   prompt: list[int]
   sequences: list[int]
   limit: int
+  shard: int = 0
 
 
 def pages_per_sequence(pool: PoolConfig, prompt_width: int, max_new_tokens: int) -> int:
@@ -211,16 +221,17 @@ def abstract_pool(pool: PoolConfig, model_config, prompt_width: int, max_new_tok
   """The pool a `ContinuousSampler.sample` call takes for prompts of `prompt_width` tokens, as a
   ShapeDtypeStruct (sharded as `page_pool.pool_sharding` under a mesh)."""
   pages = pool.pool_pages(model_config, pages_per_sequence(pool, prompt_width, max_new_tokens))
-  shape = page_pool.pool_shape(model_config, pages, pool.page_size)
+  shape = page_pool.pool_shape(model_config, pages, pool.page_size,
+                               page_pool.shards(mesh, rules))
   placed = {} if mesh is None else {"sharding": page_pool.pool_sharding(shape, mesh, rules)}
   return jax.ShapeDtypeStruct(shape, model_config.compute_dtype, **placed)
 
 
-def default_attention(mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+def default_attention(mesh: Mesh | None = None):
   """The paged attention for the devices in use: the TPU kernel on TPU, else the XLA gather."""
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
   if devices[0].platform == "tpu":
-    return tpu_attention.ragged_attention(mesh, rules)
+    return tpu_attention.ragged_attention
   return gather_attention
 
 
@@ -228,8 +239,8 @@ class ContinuousSampler:
   """Samples like `Sampler.sample`, with continuous batching over a page pool (module docstring).
 
   `attention` computes the prefill's attention over pages, and the decode's under
-  kernels="xla": `gather_attention` (XLA, any backend) or
-  `prerl_jax.kernels.tpu.paged_attention.ragged_attention(mesh)`; by default
+  kernels="xla", on one shard's rows and pages: `gather_attention` (XLA, any backend) or
+  `prerl_jax.kernels.tpu.paged_attention.ragged_attention`; by default
   `default_attention(mesh)`. `kernels` picks the decode step's code as `Sampler(kernels=...)`
   does: "xla" (`paged_forward`, layers under scan) or "cpu" (`cpu_paged_decode`: the C++ kernels
   for one float32 CPU device, layers unrolled over weights packed once per `sample` call);
@@ -238,20 +249,29 @@ class ContinuousSampler:
 
   def __init__(self, model: Decoder, pool: PoolConfig = PoolConfig(), mesh: Mesh | None = None,
                rules=sharding.DEFAULT_RULES, attention=None, kernels: str = "auto"):
-    attention = attention or default_attention(mesh, rules)
+    attention = attention or default_attention(mesh)
     self.graphdef, _ = nnx.split(model)
     self.model_config = model.config
     self.pool = pool
     self.mesh, self.rules = mesh, rules
+    self.shards = page_pool.shards(mesh, rules)
     self.kernels = resolve_kernels(kernels, model.config.compute_dtype, mesh, "ContinuousSampler")
-    code = CPU_CODE if self.kernels == "cpu" else xla_code(attention)
+    code = CPU_CODE if self.kernels == "cpu" else xla_code(attention, mesh, rules)
     self._kv_pages = None
     self._prefill = jax.jit(functools.partial(_prefill_program, self.graphdef,
-                                              attention=attention), donate_argnums=(1,))
+                                              attention=attention, mesh=mesh, rules=rules),
+                            donate_argnums=(1,))
     self._pack = jax.jit(lambda state: code.pack(nnx.merge(self.graphdef, state)))
     self._decode = jax.jit(functools.partial(_decode_program, self.graphdef, code=code),
                            static_argnums=(5, 6), donate_argnums=(2,))
-    self._copy = jax.jit(page_pool.copy_pages, donate_argnums=(0,))
+    self._copy = jax.jit(functools.partial(page_pool.copy_pages, mesh=mesh, rules=rules),
+                         donate_argnums=(0,))
+
+  def place(self, tree):
+    """Host arrays on the devices, their first axis (a row per shard row) over the batch axes."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, tree)
+    return sharding.shard_batch(tree, self.mesh, self.rules)
 
   def sample(self, state, prompt_tokens_BxP, prompt_mask_BxP, key, config: SamplingConfig,
              max_new_tokens_B=None) -> SampleOutput:
@@ -286,32 +306,37 @@ class ContinuousSampler:
 
     state and key may be abstract (`jax.ShapeDtypeStruct`s with shardings), so a dry run compiles
     them ahead of time. The pool is the one `sample` would take for prompts of `prompt_width`
-    tokens; prefill writes one chunk of `PoolConfig.prefill_chunk` tokens; decode runs
-    `PoolConfig.chunk_steps` steps of every live row (its one while_loop).
+    tokens; prefill writes one chunk of `PoolConfig.prefill_chunk` tokens of a prompt per batch
+    shard; decode runs `PoolConfig.chunk_steps` steps of every live row (its one while_loop).
     """
-    pool = self.pool
+    pool, shards = self.pool, self.shards
     per_sequence = pages_per_sequence(pool, prompt_width, config.max_new_tokens)
     kv_pages = abstract_pool(pool, self.model_config, prompt_width, config.max_new_tokens,
                              self.mesh, self.rules)
-    whole = {} if self.mesh is None else {"sharding": sharding.replicated(self.mesh)}
-    array = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, **whole)
-    per_row = array((pool.rows,))
+
+    def array(shape, dtype=jnp.int32):
+      placed = {} if self.mesh is None else {
+          "sharding": sharding.batch_sharding(self.mesh, len(shape), self.rules)}
+      return jax.ShapeDtypeStruct(shape, dtype, **placed)
+
+    per_row = array((shards * pool.rows,))
     rows = RowState(token_R=per_row, position_R=per_row, count_R=per_row, limit_R=per_row,
-                    sequence_R=per_row, live_R=array((pool.rows,), jnp.bool_),
-                    page_table_RxP=array((pool.rows, per_sequence)))
+                    sequence_R=per_row, live_R=array((shards * pool.rows,), jnp.bool_),
+                    page_table_RxP=array((shards * pool.rows, per_sequence)))
     return {
-        "prefill": self._prefill.trace(state, kv_pages, array((1, pool.prefill_chunk)), array(()),
-                                       array(()), array((1, per_sequence))),
+        "prefill": self._prefill.trace(state, kv_pages, array((shards, pool.prefill_chunk)),
+                                       array((shards,)), array((shards,)),
+                                       array((shards, per_sequence))),
         "decode": self._decode.trace(state, jax.eval_shape(self._pack, state), kv_pages, rows,
                                      key, config, pool.chunk_steps),
     }
 
   def take_pool(self, pages: int, page_size: int):
-    """The pool kept since the last call (a new one when its size differs); `keep_pool` gives
-    it back."""
+    """The pool of `pages` pages per shard kept since the last call (a new one when its size
+    differs); `keep_pool` gives it back."""
     kv_pages, self._kv_pages = self._kv_pages, None
     if kv_pages is None or kv_pages.shape != page_pool.pool_shape(self.model_config, pages,
-                                                                  page_size):
+                                                                  page_size, self.shards):
       kv_pages = page_pool.empty_pool(self.model_config, pages, page_size, self.mesh, self.rules)
     return kv_pages
 
@@ -320,7 +345,10 @@ class ContinuousSampler:
 
 
 class _Run:
-  """The host side of one `ContinuousSampler.sample` call: queue, rows, pages, results."""
+  """The host side of one `ContinuousSampler.sample` call: queue, rows, pages, results.
+
+  Row g is row g % rows of batch shard g // rows (`PoolConfig.rows` per shard); its pages come
+  from that shard's allocator and its page table holds their local indices."""
 
   def __init__(self, sampler: ContinuousSampler, state, key, config: SamplingConfig,
                prompt_width: int, groups: list[_Group]):
@@ -329,11 +357,12 @@ class _Run:
     self.page_size, self.steps = pool.page_size, pool.chunk_steps
     self.pages_per_sequence = pages_per_sequence(pool, prompt_width, config.max_new_tokens)
     pages = pool.pool_pages(sampler.model_config, self.pages_per_sequence)
-    self.allocator = page_pool.PageAllocator(pages)
+    self.shard_rows, self.shards = pool.rows, sampler.shards
+    self.allocators = [page_pool.PageAllocator(pages) for _ in range(self.shards)]
     self.kv_pages = sampler.take_pool(pages, self.page_size)
     self.packed = sampler._pack(state)
     self.queue = collections.deque(groups)
-    rows = pool.rows
+    rows = self.shards * pool.rows
     self.rows = dict(token_R=np.zeros(rows, np.int32), position_R=np.zeros(rows, np.int32),
                      count_R=np.zeros(rows, np.int32), limit_R=np.ones(rows, np.int32),
                      sequence_R=np.zeros(rows, np.int32), live_R=np.zeros(rows, bool),
@@ -345,7 +374,7 @@ class _Run:
     self.tokens = [[] for _ in range(total)]
     self.logprobs = [[] for _ in range(total)]
     self.widths = _prefill_widths(pool.prefill_chunk)
-    self.decode_widths = _decode_widths(rows)
+    self.decode_widths = _decode_widths(pool.rows)
 
   def until_done(self):
     while self.queue or self.admitted:
@@ -353,52 +382,61 @@ class _Run:
       if not self.admitted:
         group = self.queue[0]
         raise MemoryError(
-            f"the page pool ({self.allocator.pages} pages of {self.page_size} slots) cannot hold "
-            f"the {len(group.sequences)} samples of a {len(group.prompt)}-token prompt; raise "
-            "PoolConfig.pages or rollout.kv_cache_gib")
+            f"the page pool ({self.allocators[0].pages} pages of {self.page_size} slots per "
+            f"shard) cannot hold the {len(group.sequences)} samples of a {len(group.prompt)}-token "
+            "prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
       self._reserve_chunk_pages()
       self._decode_chunk()
     self.sampler.keep_pool(self.kv_pages)
 
-  def _missing_pages(self) -> dict[int, int]:
-    """{live row: how many more pages it needs to hold every position its next chunk writes}."""
-    rows, missing = self.rows, {}
+  def _shard_rows(self, shard: int) -> range:
+    return range(shard * self.shard_rows, (shard + 1) * self.shard_rows)
+
+  def _missing_pages(self) -> list[dict[int, int]]:
+    """Per shard, {live row: how many more pages it needs to hold every position its next chunk
+    writes}."""
+    rows, missing = self.rows, [{} for _ in range(self.shards)]
     for row, group in enumerate(self.row_group):
       if group is not None:
         steps = min(self.steps, rows["limit_R"][row] - rows["count_R"][row])
         needed = -(-(rows["position_R"][row] + steps) // self.page_size)
-        missing[row] = max(needed - len(self.row_pages[row]), 0)
+        missing[row // self.shard_rows][row] = max(needed - len(self.row_pages[row]), 0)
     return missing
 
   def _admit(self):
-    """Admits queued groups, in order, while their rows and first chunk's pages are free (after
-    the pages the live rows' next chunk needs)."""
-    reserved = sum(self._missing_pages().values())
+    """Admits queued groups, in order, while a shard has their rows and first chunk's pages free
+    (after the pages its live rows' next chunk needs), then prefills them."""
+    reserved = [sum(m.values()) for m in self._missing_pages()]
+    admitted = []  # (shard, group, its rows)
     while self.queue:
       group = self.queue[0]
-      free_rows = [r for r in range(len(self.row_group)) if self.row_group[r] is None]
       prefix = len(group.prompt) - 1
       shared = prefix // self.page_size
       own = -(-(prefix + min(self.steps, group.limit)) // self.page_size) - shared
-      if (len(free_rows) < len(group.sequences)
-          or shared + own * len(group.sequences) > self.allocator.free_pages - reserved):
-        return
+      needed = shared + own * len(group.sequences)
+      choices = []
+      for shard, allocator in enumerate(self.allocators):
+        free_rows = [r for r in self._shard_rows(shard) if self.row_group[r] is None]
+        free_pages = allocator.free_pages - reserved[shard]
+        if len(free_rows) >= len(group.sequences) and needed <= free_pages:
+          choices.append((-len(free_rows), -free_pages, shard, free_rows))
+      if not choices:
+        break
+      _, _, shard, free_rows = min(choices)
       self.queue.popleft()
-      shared_pages = self.allocator.allocate(shared)
-      self.allocator.share(shared_pages * (len(group.sequences) - 1))
+      allocator = self.allocators[shard]
+      shared_pages = allocator.allocate(shared)
+      allocator.share(shared_pages * (len(group.sequences) - 1))
       for row, sequence in zip(free_rows, group.sequences):
-        self.row_pages[row] = shared_pages + self.allocator.allocate(own)
+        self.row_pages[row] = shared_pages + allocator.allocate(own)
         self.row_group[row] = group
         self._set_row(row, token=group.prompt[-1], position=prefix, count=0, limit=group.limit,
                       sequence=sequence, live=True)
-      used = free_rows[:len(group.sequences)]
-      self._prefill(group.prompt[:-1], self.rows["page_table_RxP"][used[0]])
-      if prefix % self.page_size and len(used) > 1:
-        tail = self.row_pages[used[0]][shared]
-        self.kv_pages = self.sampler._copy(
-            self.kv_pages, np.full(len(used) - 1, tail, np.int32),
-            np.asarray([self.row_pages[r][shared] for r in used[1:]], np.int32))
       self.admitted.append(group)
+      group.shard = shard
+      admitted.append((shard, group, free_rows[:len(group.sequences)]))
+    if admitted:
+      self._prefill(admitted)
 
   def _set_row(self, row, **values):
     for name, value in values.items():
@@ -407,35 +445,67 @@ class _Run:
     table[row] = page_pool.SCRATCH_PAGE
     table[row, :len(self.row_pages[row])] = self.row_pages[row]
 
-  def _prefill(self, prefix: list[int], page_table_P):
-    """Writes the prompt's first tokens into the pages of `page_table_P`, chunk by chunk."""
+  def _prefill(self, admitted):
+    """Writes the admitted prompts' first tokens into their pages, one prompt per shard per call
+    (chunk by chunk), then gives each sample but the first its own copy of a prompt's partly
+    filled last page."""
+    per_shard = [[(g, rows) for s, g, rows in admitted if s == shard]
+                 for shard in range(self.shards)]
     chunk = self.widths[-1]
-    for start in range(0, len(prefix), chunk):
-      part = prefix[start:start + chunk]
-      width = self.widths[bisect.bisect_left(self.widths, len(part))]
-      tokens = np.full((1, width), self.config.pad_id, np.int32)
-      tokens[0, :len(part)] = part
-      self.kv_pages = self.sampler._prefill(self.state, self.kv_pages, tokens, np.int32(start),
-                                            np.int32(len(part)), page_table_P[None])
+    for wave in range(max(map(len, per_shard))):
+      items = [queue[wave] if wave < len(queue) else None for queue in per_shard]
+      longest = max(len(g.prompt) - 1 for g, _ in filter(None, items))
+      for start in range(0, longest, chunk):
+        parts = [[] if item is None else item[0].prompt[:-1][start:start + chunk]
+                 for item in items]
+        width = self.widths[bisect.bisect_left(self.widths, max(map(len, parts)))]
+        tokens = np.full((self.shards, width), self.config.pad_id, np.int32)
+        tables = np.zeros((self.shards, self.pages_per_sequence), np.int32)
+        for shard, (part, item) in enumerate(zip(parts, items)):
+          tokens[shard, :len(part)] = part
+          if item is not None:
+            tables[shard] = self.rows["page_table_RxP"][item[1][0]]
+        counts = np.asarray([len(part) for part in parts], np.int32)
+        self.kv_pages = self.sampler._prefill(
+            self.state, self.kv_pages, *self.sampler.place(
+                (tokens, np.full(self.shards, start, np.int32), counts, tables)))
+    sources = [[] for _ in range(self.shards)]  # Per shard: the pages copied, and where to.
+    destinations = [[] for _ in range(self.shards)]
+    for shard, group, rows in admitted:
+      shared = (len(group.prompt) - 1) // self.page_size
+      if (len(group.prompt) - 1) % self.page_size and len(rows) > 1:
+        sources[shard] += [self.row_pages[rows[0]][shared]] * (len(rows) - 1)
+        destinations[shard] += [self.row_pages[r][shared] for r in rows[1:]]
+    most = max(map(len, sources))
+    if most:
+      width = 2**math.ceil(math.log2(most))  # Fewer copy programs.
+      pad = lambda pages: pages + [page_pool.SCRATCH_PAGE] * (width - len(pages))
+      self.kv_pages = self.sampler._copy(self.kv_pages, *self.sampler.place(
+          (np.asarray([pad(p) for p in sources], np.int32),
+           np.asarray([pad(p) for p in destinations], np.int32))))
 
   def _reserve_chunk_pages(self):
-    """Gives every live row the pages its next chunk writes, putting the newest groups back in
-    the queue while the pool is short."""
+    """Gives every live row the pages its next chunk writes, putting a shard's newest groups back
+    in the queue while its pool part is short."""
     while True:
       missing = self._missing_pages()
-      if sum(missing.values()) <= self.allocator.free_pages:
+      short = [shard for shard in range(self.shards)
+               if sum(missing[shard].values()) > self.allocators[shard].free_pages]
+      if not short:
         break
-      if len(self.admitted) == 1:
-        group = self.admitted[0]
+      in_shard = [g for g in self.admitted if g.shard == short[0]]
+      if len(in_shard) == 1:
+        group = in_shard[0]
         raise MemoryError(
-            f"the page pool ({self.allocator.pages} pages of {self.page_size} slots) cannot hold "
-            f"the {len(group.sequences)} samples of one {len(group.prompt)}-token prompt; raise "
-            "PoolConfig.pages or rollout.kv_cache_gib")
-      self._preempt(self.admitted[-1])
-    for row, count in missing.items():
-      if count > 0:
-        self.row_pages[row] += self.allocator.allocate(count)
-        self._set_row(row)
+            f"the page pool ({self.allocators[0].pages} pages of {self.page_size} slots per "
+            f"shard) cannot hold the {len(group.sequences)} samples of one {len(group.prompt)}-"
+            "token prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
+      self._preempt(in_shard[-1])
+    for shard_missing in missing:
+      for row, count in shard_missing.items():
+        if count > 0:
+          self.row_pages[row] += self.allocators[row // self.shard_rows].allocate(count)
+          self._set_row(row)
 
   def _preempt(self, group: _Group):
     """Frees a group's rows and pages and queues its unfinished samples first."""
@@ -448,22 +518,27 @@ class _Run:
     self.queue.appendleft(group)
 
   def _free_row(self, row: int):
-    self.release_pages(self.row_pages[row])
+    self.release_pages(row // self.shard_rows, self.row_pages[row])
     self.row_pages[row], self.row_group[row] = [], None
     self._set_row(row, live=False)
 
-  def release_pages(self, pages) -> list[int]:
-    """Releases a row's hold on its pages; returns the pages that became free."""
-    return self.allocator.release(pages)
+  def release_pages(self, shard: int, pages) -> list[int]:
+    """Releases a row's hold on its pages of `shard`; returns the pages that became free."""
+    return self.allocators[shard].release(pages)
 
   def _decode_chunk(self):
-    """One decode chunk of the occupied rows, run as the first rows of the narrowest decode
-    width that holds them (free rows, which are not live, fill the rest)."""
-    occupied = [row for row, group in enumerate(self.row_group) if group is not None]
-    free = [row for row, group in enumerate(self.row_group) if group is None]
-    width = min(w for w in self.decode_widths if w >= len(occupied))
-    index = np.asarray(occupied + free[:width - len(occupied)])
-    rows = RowState(**{name: jnp.asarray(value[index]) for name, value in self.rows.items()})
+    """One decode chunk of the occupied rows: each shard's run as the first rows of the
+    narrowest decode width that holds the fullest shard's (free rows, which are not live, fill
+    the rest)."""
+    occupied = [[r for r in self._shard_rows(shard) if self.row_group[r] is not None]
+                for shard in range(self.shards)]
+    width = min(w for w in self.decode_widths if w >= max(map(len, occupied)))
+    index = []
+    for shard, rows in enumerate(occupied):
+      free = [r for r in self._shard_rows(shard) if self.row_group[r] is None]
+      index += rows + free[:width - len(rows)]
+    index = np.asarray(index)
+    rows = RowState(**self.sampler.place({name: value[index] for name, value in self.rows.items()}))
     self.kv_pages, rows, tokens_RxK, logprobs_RxK = self.sampler._decode(
         self.state, self.packed, self.kv_pages, rows, self.key, self.config, self.steps)
     tokens_RxK, logprobs_RxK = sharding.to_host((tokens_RxK, logprobs_RxK))
@@ -471,8 +546,10 @@ class _Run:
     fields = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
     for name, value in sharding.to_host(fields).items():
       self.rows[name][index] = value
-    for column, row in enumerate(occupied):
+    for column, row in enumerate(index):
       group = self.row_group[row]
+      if group is None:
+        continue
       sequence, emitted = self.rows["sequence_R"][row], self.rows["count_R"][row] - before[row]
       self.tokens[sequence] += tokens_RxK[column, :emitted].tolist()
       self.logprobs[sequence] += logprobs_RxK[column, :emitted].tolist()

@@ -8,6 +8,11 @@ prompt are written once and listed in the tables of all of its samples.
 
 Page 0 is the scratch page: rows that are not decoding write there and unused page-table
 entries point there, so it is never handed to a sequence (`PageAllocator`).
+
+Under a mesh the pages are split over the batch axes: a pool for S batch shards holds S parts of
+equal size, each with its own scratch page (its first), used by that shard's rows only, whose
+page tables hold indices into their part (one `PageAllocator` per shard). The kv heads are split
+over the tensor axis where it divides them.
 """
 
 import math
@@ -15,18 +20,18 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prerl_jax import sharding
 from prerl_jax.models.config import ModelConfig
 
 SCRATCH_PAGE = 0
-POOL_AXES = ("layers", None, None, "kv_heads", "head_dim")
+POOL_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
 
 
-def pool_shape(config: ModelConfig, pages: int, page_size: int) -> tuple[int, ...]:
-  """Shape of a pool of `pages` pages (the scratch page included)."""
-  return (config.num_layers, pages, page_size, 2 * config.num_kv_heads, config.head_dim)
+def pool_shape(config: ModelConfig, pages: int, page_size: int, shards: int = 1) -> tuple[int, ...]:
+  """Shape of a pool of `pages` pages per batch shard (its scratch page included)."""
+  return (config.num_layers, shards * pages, page_size, 2 * config.num_kv_heads, config.head_dim)
 
 
 def page_bytes(config: ModelConfig, page_size: int) -> int:
@@ -44,16 +49,22 @@ def pages_for_memory(config: ModelConfig, gib: float, page_size: int) -> int:
 
 
 def pool_sharding(shape, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
-  """The pool's sharding: kv heads over the tensor axis, where it divides them."""
+  """The pool's sharding: pages over the batch axes, kv heads over the tensor axis where it
+  divides them (module docstring)."""
   spec = sharding.logical_to_spec(POOL_AXES, shape[:3] + (shape[3] // 2,) + shape[4:], mesh,
                                   rules)
   return NamedSharding(mesh, spec)
 
 
+def shards(mesh: Mesh | None, rules=sharding.DEFAULT_RULES) -> int:
+  """How many parts a pool (and the rows reading it) is split into on this mesh."""
+  return 1 if mesh is None else sharding.batch_devices(mesh, rules)
+
+
 def empty_pool(config: ModelConfig, pages: int, page_size: int, mesh: Mesh | None = None,
                rules=sharding.DEFAULT_RULES) -> jax.Array:
-  """A zero-filled pool (on the mesh where given)."""
-  shape = pool_shape(config, pages, page_size)
+  """A zero-filled pool of `pages` pages per batch shard (on the mesh where given)."""
+  shape = pool_shape(config, pages, page_size, shards(mesh, rules))
   if mesh is None:
     return jnp.zeros(shape, config.compute_dtype)
   return jax.jit(lambda: jnp.zeros(shape, config.compute_dtype),
@@ -77,9 +88,20 @@ def write_tokens(kv_pages, kv_NxTx2KxH, page_table_NxP, positions_NxT, valid_NxT
   return kv_pages.at[page_NxT, slot_NxT].set(kv_NxTx2KxH.astype(kv_pages.dtype))
 
 
-def copy_pages(kv_pages, sources, destinations):
-  """The pool with pages `destinations` (every layer) replaced by copies of pages `sources`."""
-  return kv_pages.at[:, destinations].set(kv_pages[:, sources])
+def _copy_local(kv_pages, sources_1xM, destinations_1xM):
+  return kv_pages.at[:, destinations_1xM[0]].set(kv_pages[:, sources_1xM[0]])
+
+
+def copy_pages(kv_pages, sources_SxM, destinations_SxM, mesh: Mesh | None = None,
+               rules=sharding.DEFAULT_RULES):
+  """The pool with pages `destinations_SxM[s]` of shard s (every layer) replaced by copies of its
+  pages `sources_SxM[s]` (local indices; pad with the scratch page, copied onto itself)."""
+  if mesh is None:
+    return _copy_local(kv_pages, sources_SxM, destinations_SxM)
+  pool = pool_sharding(kv_pages.shape, mesh, rules).spec
+  per_shard = PartitionSpec(pool[1], None)
+  return jax.shard_map(_copy_local, mesh=mesh, in_specs=(pool, per_shard, per_shard),
+                       out_specs=pool)(kv_pages, sources_SxM, destinations_SxM)
 
 
 class PageAllocator:

@@ -70,11 +70,12 @@ def test_continuous_engine_compiles_its_pool_programs_with_the_tpu_paged_kernel(
   model = dataclasses.replace(TINY, head_dim=128)
   report = dry_run.dry_run(config, "v5p-8", MESH, model_config=model)
   assert [(p["name"], p["runs"]) for p in report["programs"]] == [
-      # 8 prompts of a 64-token bucket, one 512-token prefill chunk each; 64 live rows hold all
-      # 8 groups of 4 at once: 16 new tokens are one chunk of 16 decode steps.
-      ("sampler:prefill", 8), ("sampler:decode", 1), ("train:grpo", 1)]
-  # The pool: 64 rows x ceil((64 + 16) / 16) pages + the scratch page, 2 layers x 16 slots x
-  # (2 kv heads / tensor 2) x (k, v) x 128, float32.
+      # 8 prompts of a 64-token bucket, one 512-token prefill chunk each, a prompt per fsdp
+      # shard per call; 64 live rows per shard hold all 8 groups of 4 at once: 16 new tokens are
+      # one chunk of 16 decode steps.
+      ("sampler:prefill", 4), ("sampler:decode", 1), ("train:grpo", 1)]
+  # The pool per chip, its shard's part: 64 rows x ceil((64 + 16) / 16) pages + the scratch
+  # page, 2 layers x 16 slots x (2 kv heads / tensor 2) x (k, v) x 128, float32.
   assert report["bytes_per_chip"]["kv_cache"] == 2 * (64 * 5 + 1) * 16 * 1 * 2 * 128 * 4
   decode = report["programs"][1]
   assert decode["collectives"] is not None and decode["fits"]

@@ -127,8 +127,8 @@ def test_pages_are_reused_and_never_read_after_release(tiny, monkeypatch):
   freed, preempted = [], []
   release, preempt = continuous._Run.release_pages, continuous._Run._preempt
 
-  def poisoning_release(run, pages):
-    pages = release(run, pages)
+  def poisoning_release(run, shard, pages):
+    pages = release(run, shard, pages)
     freed.extend(pages)
     if pages:
       run.kv_pages = run.kv_pages.at[:, np.asarray(pages)].set(np.nan)
@@ -169,20 +169,35 @@ def test_pool_too_small_for_one_group_names_the_setting(tiny):
     _sample(model, _prompts((9,)), config, rows=1)
 
 
-def test_sharded_samples_equal_single_device(tiny, tmp_path):
-  """On a (2, 2, 2) mesh (the pool's kv heads over the tensor axis) the samples are the single
-  device's."""
+def test_rows_and_pages_split_over_batch_shards(tiny, tmp_path, monkeypatch):
+  """On a (2, 2, 2) mesh: 4 batch shards of 4 rows, each with its own part of the pool (18 pages
+  of 4 slots; kv heads over the tensor axis). 9 prompts x 2 samples spread over the shards, are
+  prefilled several at a time, and overflow a shard's pages (groups go back to the queue); the
+  samples are the single device's with one large pool."""
   _, model = tiny["qwen3"]
-  config = SamplingConfig(max_new_tokens=10, pad_id=PAD, stop_ids=STOPS, temperature=1.0, n=2,
-                          prompt_buckets=BUCKETS)
-  prompts = _prompts((5, 9, 3, 12), seed=4)
-  single = _sample(model, prompts, config, key=7, rows=4, page_size=4)
+  config = SamplingConfig(max_new_tokens=24, pad_id=PAD, temperature=1.0, n=2,
+                          prompt_buckets=BUCKETS)  # No stop ids: every response grows to 24.
+  prompts = _prompts((7, 3, 12, 5, 9, 2, 14, 6, 10), seed=4)
+  single = _sample(model, prompts, config, key=7, rows=64, page_size=4)
   mesh = sharding.make_mesh(2, 2, 2)
   sharded_model, _ = load_model(tiny_models.save_hf_model("qwen3", tmp_path), mesh=mesh,
                                 with_tokenizer=False)
+  prefilled, preempted = [], []
+  prefill, preempt = continuous._Run._prefill, continuous._Run._preempt
+  monkeypatch.setattr(continuous._Run, "_prefill", lambda run, admitted: (
+      prefilled.append([shard for shard, _, _ in admitted]), prefill(run, admitted)))
+  monkeypatch.setattr(continuous._Run, "_preempt", lambda run, group: (
+      preempted.append(group.shard), preempt(run, group)))
   tokens, mask = prompt_batch(prompts, config)
-  sampler = ContinuousSampler(sharded_model, PoolConfig(rows=4, page_size=4), mesh)
+  sampler = ContinuousSampler(sharded_model, PoolConfig(rows=4, page_size=4, pages=18,
+                                                        chunk_steps=4), mesh)
+  assert sampler.shards == 4
   out = sampler.sample(nnx.state(sharded_model), tokens, mask, jax.random.key(7), config)
-  assert sampler.take_pool(sampler.pool.pool_pages(model.config, 7), 4).sharding.spec[3] == "tensor"
+  pool = sampler.take_pool(18, 4)
+  assert pool.shape[1] == 4 * 18 and pool.sharding.spec[1] == ("data", "fsdp")
+  assert pool.sharding.spec[3] == "tensor"
+  assert set(sum(prefilled, [])) == {0, 1, 2, 3} and max(map(len, prefilled)) >= 4
+  assert preempted
   np.testing.assert_array_equal(out.tokens_NxM, single.tokens_NxM)
+  np.testing.assert_array_equal(out.lengths_N, single.lengths_N)
   np.testing.assert_allclose(out.logprobs_NxM, single.logprobs_NxM, atol=1e-5)

@@ -1,14 +1,11 @@
 """Paged decode attention on TPU: jax's ragged paged attention Pallas kernel behind the
-signature of `prerl_jax.generate.paged_attention.gather_attention`, split over the tensor axis
-of a mesh with shard_map (each device attends with its own kv heads and their query heads)."""
+signature of `prerl_jax.generate.paged_attention.gather_attention`. It sees one device's rows,
+pages and kv heads: under a mesh, `paged_forward` runs it per shard in `shard_map` (Mosaic
+kernels must run there)."""
 
 
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as ragged
-from jax.sharding import Mesh, PartitionSpec
-
-from prerl_jax import sharding
 
 # Tokens of keys and values per kernel block, and queries per block: fixed here because the
 # kernel's own tuning table reads the local device, which is not a TPU when compiling ahead of
@@ -32,7 +29,8 @@ def _ragged_arguments(q_NxTxNHxH, kv_lens_N, positions_NxT):
       [1], jnp.int32)
 
 
-def _attend(q_NxTxNHxH, kv_pages, page_table_NxP, kv_lens_N, positions_NxT):
+def ragged_attention(q_NxTxNHxH, kv_pages, page_table_NxP, kv_lens_N, positions_NxT):
+  """`gather_attention`'s computation in the Pallas TPU kernel (one device's share)."""
   queries, cu_q_lens, num_seqs = _ragged_arguments(q_NxTxNHxH, kv_lens_N, positions_NxT)
   page_size, head_dim = kv_pages.shape[1], kv_pages.shape[3]
   out = ragged.ragged_paged_attention(
@@ -42,21 +40,3 @@ def _attend(q_NxTxNHxH, kv_pages, page_table_NxP, kv_lens_N, positions_NxT):
                                         KV_TOKENS_PER_BLOCK // page_size)),
       num_queries_per_block=QUERIES_PER_BLOCK)
   return out.reshape(q_NxTxNHxH.shape)
-
-
-def ragged_attention(mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
-  """`gather_attention`'s computation on TPU; under a mesh, the kv heads (and their query
-  heads) are split over the mesh axes that `rules` give `kv_heads`, rows replicated."""
-  if mesh is None:
-    return _attend
-
-  def attention(q_NxTxNHxH, kv_pages, page_table_NxP, kv_lens_N, positions_NxT):
-    heads = sharding.logical_to_spec(("kv_heads",), (kv_pages.shape[2] // 2,), mesh, rules)[0]
-    local = jax.shard_map(
-        _attend, mesh=mesh,
-        in_specs=(PartitionSpec(None, None, heads, None), PartitionSpec(None, None, heads, None),
-                  PartitionSpec(), PartitionSpec(), PartitionSpec()),
-        out_specs=PartitionSpec(None, None, heads, None), check_vma=False)
-    return local(q_NxTxNHxH, kv_pages, page_table_NxP, kv_lens_N, positions_NxT)
-
-  return attention
