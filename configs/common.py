@@ -106,8 +106,9 @@ def _cpu() -> ml_collections.ConfigDict:
   c.rollout = dict(prompts_per_step=8, group_size=8, max_new_tokens=32, temperature=0.7,
                    top_k=0, top_p=1.0,
                    # "static": one program per prompt batch; "continuous": continuous batching
-                   # over a page pool (docs/continuous_batching.md) of kv_cache_gib GiB (0: room
-                   # for every live row at full length), live_rows decode rows.
+                   # over a page pool (docs/continuous_batching.md) of kv_cache_gib GiB per shard
+                   # (0: room for every live row at full length), live_rows decode rows per
+                   # data/fsdp shard.
                    engine="static", live_rows=64, kv_cache_gib=0.0, page_size=16,
                    chunk_steps=16)
   # pack: the update scores packed rows (prerl_jax.rl.packing) rather than rows padded to the

@@ -27,10 +27,11 @@ NOTES = (
     "that stays resident while sampling. Times: per program, runs x max(FLOPs / bf16 peak, "
     "modelled HBM bytes / bandwidth), no communication; FLOPs counted through every loop "
     "iteration, except inside Pallas kernels (splash and paged attention: not counted). Every "
-    "response is assumed to reach the 8192-token cap (an upper bound), so the pool holds only "
-    "as many groups of 8 at full length as fit (3 groups, 24 sequences, in a 32 GiB pool) and the decode runs in many waves; "
-    "the engine's rows and pool are replicated on every fsdp chip (it splits kv heads over the "
-    "tensor axis only), which is what the sample time shows. The update is compiled at the full "
+    "response is assumed to reach the 8192-token cap (an upper bound), so a chip's pool holds "
+    "only as many groups of 8 at full length as fit (3 groups, 24 sequences, in 32 GiB) and the "
+    "decode runs in waves; the engine splits its rows and pool over the fsdp chips (each chip "
+    "decodes its own groups: 128 prompts take 6 waves on 8 chips, 2 on 32), and kv heads over "
+    "tensor. The update is compiled at the full "
     "8192-token width with `model.attention=auto` (splash on TPU, chunked when simulated). "
     "\"knob\" is the first advice of the dry run for the program that misses by most.")
 

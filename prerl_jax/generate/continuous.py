@@ -257,7 +257,6 @@ class ContinuousSampler:
     self.shards = page_pool.shards(mesh, rules)
     self.kernels = resolve_kernels(kernels, model.config.compute_dtype, mesh, "ContinuousSampler")
     code = CPU_CODE if self.kernels == "cpu" else xla_code(attention, mesh, rules)
-    self._kv_pages = None
     self._prefill = jax.jit(functools.partial(_prefill_program, self.graphdef,
                                               attention=attention, mesh=mesh, rules=rules),
                             donate_argnums=(1,))
@@ -331,17 +330,11 @@ class ContinuousSampler:
                                      key, config, pool.chunk_steps),
     }
 
-  def take_pool(self, pages: int, page_size: int):
-    """The pool of `pages` pages per shard kept since the last call (a new one when its size
-    differs); `keep_pool` gives it back."""
-    kv_pages, self._kv_pages = self._kv_pages, None
-    if kv_pages is None or kv_pages.shape != page_pool.pool_shape(self.model_config, pages,
-                                                                  page_size, self.shards):
-      kv_pages = page_pool.empty_pool(self.model_config, pages, page_size, self.mesh, self.rules)
-    return kv_pages
-
-  def keep_pool(self, kv_pages):
-    self._kv_pages = kv_pages
+  def empty_pool(self, pages: int):
+    """A zero-filled pool of `pages` pages per shard. A `sample` call makes its own and drops it
+    when it returns, so that the update that follows has the memory."""
+    return page_pool.empty_pool(self.model_config, pages, self.pool.page_size, self.mesh,
+                                self.rules)
 
 
 class _Run:
@@ -359,7 +352,7 @@ class _Run:
     pages = pool.pool_pages(sampler.model_config, self.pages_per_sequence)
     self.shard_rows, self.shards = pool.rows, sampler.shards
     self.allocators = [page_pool.PageAllocator(pages) for _ in range(self.shards)]
-    self.kv_pages = sampler.take_pool(pages, self.page_size)
+    self.kv_pages = sampler.empty_pool(pages)
     self.packed = sampler._pack(state)
     self.queue = collections.deque(groups)
     rows = self.shards * pool.rows
@@ -387,7 +380,6 @@ class _Run:
             "prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
       self._reserve_chunk_pages()
       self._decode_chunk()
-    self.sampler.keep_pool(self.kv_pages)
 
   def _shard_rows(self, shard: int) -> range:
     return range(shard * self.shard_rows, (shard + 1) * self.shard_rows)

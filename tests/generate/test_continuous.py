@@ -193,7 +193,7 @@ def test_rows_and_pages_split_over_batch_shards(tiny, tmp_path, monkeypatch):
                                                         chunk_steps=4), mesh)
   assert sampler.shards == 4
   out = sampler.sample(nnx.state(sharded_model), tokens, mask, jax.random.key(7), config)
-  pool = sampler.take_pool(18, 4)
+  pool = sampler.empty_pool(18)
   assert pool.shape[1] == 4 * 18 and pool.sharding.spec[1] == ("data", "fsdp")
   assert pool.sharding.spec[3] == "tensor"
   assert set(sum(prefilled, [])) == {0, 1, 2, 3} and max(map(len, prefilled)) >= 4
