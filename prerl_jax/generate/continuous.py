@@ -56,7 +56,7 @@ class PoolConfig:
   """Size and pace of the continuous sampler.
 
   rows: live decode rows per batch shard. pages: pool pages per batch shard (its scratch page
-  included); None sizes the pool from `kv_cache_gib` (per chip), or else gives every row room for
+  included); None sizes the pool from `kv_cache_gib` (per shard), or else gives every row room for
   its longest sequence. chunk_steps: decode steps per host round trip. prefill_chunk: most prompt
   tokens per prefill call.
   """

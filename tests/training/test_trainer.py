@@ -135,13 +135,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_params_of_one(model_dir, tmp_path):
+@pytest.mark.parametrize("engine", [
+    (),
+    # 4 live rows per fsdp shard: the two processes sample on 8 rows, each over its own pool.
+    ("--config.rollout.engine=continuous", "--config.rollout.live_rows=4",
+     "--config.rollout.page_size=4")], ids=["static", "continuous"])
+def test_two_processes_give_the_params_of_one(model_dir, tmp_path, engine):
   single = str(tmp_path / "single")
-  _run(_command(model_dir, single, 2))
+  _run(_command(model_dir, single, 2, *engine))
   multi = str(tmp_path / "multi")
   port = _free_port()
   processes = [
-      subprocess.Popen(_command(model_dir, multi, 2, "--config.mesh.fsdp=2",
+      subprocess.Popen(_command(model_dir, multi, 2, *engine, "--config.mesh.fsdp=2",
                                 f"--coordinator_address=localhost:{port}",
                                 "--num_processes=2", f"--process_id={index}"),
                        cwd=run_fixtures.REPO_ROOT, env=_env(1), stdout=subprocess.PIPE,
