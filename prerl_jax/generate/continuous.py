@@ -452,7 +452,7 @@ class _Run:
                  for item in items]
         width = self.widths[bisect.bisect_left(self.widths, max(map(len, parts)))]
         tokens = np.full((self.shards, width), self.config.pad_id, np.int32)
-        tables = np.zeros((self.shards, self.pages_per_sequence), np.int32)
+        tables = np.full((self.shards, self.pages_per_sequence), page_pool.SCRATCH_PAGE, np.int32)
         for shard, (part, item) in enumerate(zip(parts, items)):
           tokens[shard, :len(part)] = part
           if item is not None:
