@@ -52,6 +52,22 @@ def _metrics(run_dir):
   return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
 
 
+def _logged_steps(run_dir) -> set[int]:
+  """The steps metrics.jsonl holds so far (a line still being written is skipped)."""
+  try:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return set()
+  steps = set()
+  for line in lines:
+    try:
+      steps.add(json.loads(line)["step"])
+    except json.JSONDecodeError:
+      pass
+  return steps
+
+
 def _exported(run_dir):
   return load_file(os.path.join(run_dir, "hf_export", "model.safetensors"))
 
@@ -68,11 +84,13 @@ def test_kill_minus_9_then_resume_equals_uninterrupted_run(model_dir, uninterrup
   command = _command(model_dir, run_dir, steps=4)
   process = subprocess.Popen(command, cwd=run_fixtures.REPO_ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoint_two = os.path.join(run_dir, "checkpoints", "2")
+  # Killed once step 3 is logged: checkpoint 2 is written or still being written (saves are
+  # asynchronous), and step 4 is not done. (Waiting for checkpoint 2's directory instead raced:
+  # under load its asynchronous write can finish just before checkpoint 4's.)
   deadline = time.time() + 300
-  while not os.path.isdir(checkpoint_two) and time.time() < deadline:
+  while time.time() < deadline and 3 not in _logged_steps(run_dir):
     assert process.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.2)
+    time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert Checkpointer(os.path.join(run_dir, "checkpoints")).latest_step() in (2, None)
