@@ -121,9 +121,11 @@ class Trainer:
     return data_pipeline.resumable_iterator(batches)
 
   def _restore(self, iterator) -> int:
-    """Resumes from the latest complete checkpoint; returns the number of completed steps."""
+    """Resumes from the latest complete checkpoint; returns the number of completed steps.
+    Metrics logged after it (by a run killed before that checkpoint, or before any) are dropped."""
     latest = self.checkpointer.latest_step()
     if latest is None:
+      truncate_metrics_after(self.run_dir, 0)
       return 0
     self.state, data_state = self.checkpointer.restore(latest, self.state)
     iterator.set_state(data_state["iterator"])

@@ -112,6 +112,19 @@ def test_checkpoint_interrupted_while_written_is_never_loaded(uninterrupted, tmp
   assert Checkpointer(checkpoints).latest_step() == 4
 
 
+def test_run_killed_before_its_first_checkpoint_restarts_its_metrics(model_dir, tmp_path):
+  """Steps logged by a run killed before any checkpoint completed are dropped on restart."""
+  stale = [{"step": step, "loss": 1.0} for step in (1, 2, 3)]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(record) + "\n" for record in stale)
+  run = trainer.Trainer(run_fixtures.tiny_config("w_reinforce", model_dir, str(tmp_path), steps=1))
+  try:
+    assert run._restore(run.batches()) == 0
+  finally:
+    run.close()
+  assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def test_non_finite_update_is_skipped_counted_and_logged(model_dir, tmp_path):
   config = run_fixtures.tiny_config("w_reinforce", model_dir, str(tmp_path), steps=3)
   config.train.log_both_spaces = 2  # The marginal space is also scored on steps 1 and 3.
