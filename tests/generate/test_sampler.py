@@ -35,6 +35,7 @@ def test_greedy_matches_transformers_tiny(tiny, family, kernels):
   assert len(np.unique(expected)) > 3  # The rows are not one repeated token.
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_smollm2(smollm2):
   model, tokenizer = smollm2
   folder, name = smollm2_gguf_path().rsplit("/", 1)

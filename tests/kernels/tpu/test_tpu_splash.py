@@ -21,6 +21,7 @@ def mesh():
   return update_peak.topology_mesh("v5p:2x2x1")
 
 
+@pytest.mark.slow
 def test_splash_update_compiles_for_v5p(mesh):
   rows, tokens = 4, 2048
   compiled = update_peak.compile_update(CONFIG, mesh, rows, tokens)
