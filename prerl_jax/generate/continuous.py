@@ -373,13 +373,15 @@ class _Run:
     while self.queue or self.admitted:
       self._admit()
       if not self.admitted:
-        group = self.queue[0]
-        raise MemoryError(
-            f"the page pool ({self.allocators[0].pages} pages of {self.page_size} slots per "
-            f"shard) cannot hold the {len(group.sequences)} samples of a {len(group.prompt)}-token "
-            "prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
+        raise self._pool_too_small(self.queue[0])
       self._reserve_chunk_pages()
       self._decode_chunk()
+
+  def _pool_too_small(self, group: _Group) -> MemoryError:
+    return MemoryError(
+        f"the page pool ({self.allocators[0].pages} pages of {self.page_size} slots per shard) "
+        f"cannot hold the {len(group.sequences)} samples of one {len(group.prompt)}-token "
+        "prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
 
   def _shard_rows(self, shard: int) -> range:
     return range(shard * self.shard_rows, (shard + 1) * self.shard_rows)
@@ -488,10 +490,7 @@ class _Run:
       in_shard = [g for g in self.admitted if g.shard == short[0]]
       if len(in_shard) == 1:
         group = in_shard[0]
-        raise MemoryError(
-            f"the page pool ({self.allocators[0].pages} pages of {self.page_size} slots per "
-            f"shard) cannot hold the {len(group.sequences)} samples of one {len(group.prompt)}-"
-            "token prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
+        raise self._pool_too_small(group)
       self._preempt(in_shard[-1])
     for shard_missing in missing:
       for row, count in shard_missing.items():
