@@ -56,10 +56,6 @@ from prerl_jax.rl.schedule import schedule_from_config
 
 GIB = targets_lib.GIB
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-# A simulated dry run never executes code: skip LLVM optimization (halves CPU compile time; buffer
-# assignment, and so the memory analysis, is unchanged).
-FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0,
-                    "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +157,9 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
   the arguments plus the temporaries the compiler asked for (a lower bound: outputs unknown).
   """
   start = time.perf_counter()
-  options = FAST_CPU_COMPILE if target.compiler == "simulated" else None
   arguments = per_device_bytes(program.arguments)
   try:
-    compiled = program.traced.lower().compile(options)
+    compiled = program.traced.lower().compile(target.compile_options)
   except jax.errors.JaxRuntimeError as error:
     temporaries = _out_of_memory_temporaries(error)
     if temporaries is None:

@@ -17,7 +17,12 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One slice or host: `chips` chips of one kind with public dense bf16, HBM peaks and size."""
+  """One slice or host: `chips` chips of one kind with public dense bf16, HBM peaks and size.
+
+  interconnect_bandwidth: bytes/s per chip over the chip-to-chip links, both directions together
+  (TPU ICI, GPU NVLink), as the vendors publish it; a collective's per-chip bytes over it give its
+  time. The network between hosts of a GPU cluster or slices of a multislice run is not modelled.
+  """
 
   name: str
   chip: str
@@ -26,18 +31,33 @@ class Target:
   bf16_flops: float
   hbm_bandwidth: float
   hbm_bytes: float
+  interconnect_bandwidth: float
 
   @property
   def compiler(self) -> str:
     """"tpu" (libtpu's compiler on the real topology) or "simulated" (XLA:CPU devices)."""
     return "tpu" if self.topology else "simulated"
 
+  @property
+  def compile_options(self) -> dict | None:
+    """XLA options for compiling this target's programs (None: the compiler's defaults)."""
+    # A simulated dry run never executes code: skip LLVM optimization (halves CPU compile time;
+    # buffer assignment, and so the memory analysis, is unchanged).
+    if self.compiler == "simulated":
+      return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return None
 
-_V5P = dict(chip="TPU v5p", bf16_flops=459e12, hbm_bandwidth=2765e9, hbm_bytes=95.74 * GIB)
-_V5E = dict(chip="TPU v5e", bf16_flops=197e12, hbm_bandwidth=819e9, hbm_bytes=16 * GIB)
-_V6E = dict(chip="TPU v6e", bf16_flops=918e12, hbm_bandwidth=1640e9, hbm_bytes=32 * GIB)
-_H100 = dict(chip="H100 SXM", bf16_flops=989e12, hbm_bandwidth=3350e9, hbm_bytes=80e9)
-_H200 = dict(chip="H200 SXM", bf16_flops=989e12, hbm_bandwidth=4800e9, hbm_bytes=141e9)
+
+_V5P = dict(chip="TPU v5p", bf16_flops=459e12, hbm_bandwidth=2765e9, hbm_bytes=95.74 * GIB,
+            interconnect_bandwidth=1200e9)
+_V5E = dict(chip="TPU v5e", bf16_flops=197e12, hbm_bandwidth=819e9, hbm_bytes=16 * GIB,
+            interconnect_bandwidth=400e9)
+_V6E = dict(chip="TPU v6e", bf16_flops=918e12, hbm_bandwidth=1640e9, hbm_bytes=32 * GIB,
+            interconnect_bandwidth=800e9)
+_H100 = dict(chip="H100 SXM", bf16_flops=989e12, hbm_bandwidth=3350e9, hbm_bytes=80e9,
+             interconnect_bandwidth=900e9)
+_H200 = dict(chip="H200 SXM", bf16_flops=989e12, hbm_bandwidth=4800e9, hbm_bytes=141e9,
+             interconnect_bandwidth=900e9)
 
 # v5p-N counts TensorCores: N / 2 chips (v5p:AxBxC has A*B*C chips); v5e-N and v6e-N are N chips.
 TARGETS = {t.name: t for t in (
