@@ -49,6 +49,8 @@ class DatasetResult:
   behaviour: dict[str, float]
   reward_counts: dict[str, int]
   prompts_truncated: int
+  problem_ids: list[str]  # Problem.index, in evaluation order.
+  correct_per_problem: list[int]  # Correct samples of each problem, for paired comparisons.
 
 
 def evaluate_dataset(name: str, problems: list[datasets.Problem], generate: Generate,
@@ -89,7 +91,9 @@ def evaluate_dataset(name: str, problems: list[datasets.Problem], generate: Gene
           responses, num_tokens, [t >= max_response_tokens for t in num_tokens],
           scored.rewards, group_size=n),
       reward_counts=dict(scored.counts),
-      prompts_truncated=sum(e.truncated for e in encoded))
+      prompts_truncated=sum(e.truncated for e in encoded),
+      problem_ids=[p.index for p in problems],
+      correct_per_problem=pass_at_k.correct_matrix(rewards_PxN).sum(axis=1).tolist())
 
 
 def format_table(results: list[DatasetResult]) -> str:

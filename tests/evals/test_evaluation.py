@@ -50,6 +50,8 @@ def test_evaluate_dataset_gym(chain_sum):
   assert calls == [3, 1]
   assert (result.num_problems, result.samples_per_problem) == (4, N)
   assert result.mean_at_n == pytest.approx((0 + 1 + 2 + 3) / 16)
+  assert result.correct_per_problem == [0, 1, 2, 3]
+  assert result.problem_ids == [p.index for p in problems]
   for k in (1, 2, 4):
     expected = sum(1 - math.comb(N - c, k) / math.comb(N, k) for c in range(4)) / 4
     assert result.pass_at_k[k] == pytest.approx(expected)
