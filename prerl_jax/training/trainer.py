@@ -110,13 +110,18 @@ class Trainer:
   # -- the loop -----------------------------------------------------------------------------
 
   def batches(self):
-    """The resumable iterator of prompt batches for config.train.steps steps."""
+    """The resumable iterator of prompt batches for config.train.steps steps.
+
+    Their order follows data.seed and the run's train.seed (which also keys the sampling), so
+    runs that differ only in train.seed see the same problems in different orders.
+    """
     cfg = self.config
     steps_per_epoch = max(1, len(self.data.train) // cfg.rollout.prompts_per_step)
     epochs = -(-cfg.train.steps // steps_per_epoch)
+    order_seed = int(np.random.SeedSequence([cfg.data.seed, cfg.train.seed]).generate_state(1)[0])
     batches = data_pipeline.prompt_batches(
         self.data.train, self.evaluator.encode, global_batch_size=cfg.rollout.prompts_per_step,
-        num_epochs=epochs, seed=cfg.data.seed, pad_id=self.tokenizer.pad_token_id,
+        num_epochs=epochs, seed=order_seed, pad_id=self.tokenizer.pad_token_id,
         max_prompt_tokens=cfg.data.max_prompt_length, process_index=0, process_count=1)
     return data_pipeline.resumable_iterator(batches)
 
