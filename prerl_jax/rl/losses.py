@@ -36,25 +36,34 @@ def _grouped(rewards_B, group_size: int):
 
 
 def _centered(rewards_NxG):
-  """r - mean_group(r), exactly 0 in every group whose rewards are all equal.
+  """r - mean_group(r), exactly 0 where r equals its group's mean.
 
-  A compiled group mean can be off by a rounding error (XLA multiplies by 1 / G, which is
-  inexact when G is not a power of two); the exact 0 keeps tied groups out of NSR and PSR.
+  A compiled group mean can be off by a rounding error (XLA multiplies the sum by 1 / G, inexact
+  when G is not a power of two), so r - mean would be a few ulps from 0 at the mean and its sign
+  would decide NSR / PSR selection; the exact 0 keeps such a response out of both, as the
+  reference's division does. The rule: r is at the mean when G * r == sum_group(r) in float32,
+  or when every reward of its group is equal. That test is exact when the rewards are multiples
+  of 2^-k with G * max|r| * 2^k <= 2^24 (binary rewards, k / 2^m partial credit): then G * r and
+  every partial sum are representable. Otherwise it holds up to the rounding of the float32 sum:
+  a reward within that of the mean gets 0 (and when the mean is not a float32, no reward equals
+  it exactly). Every other response keeps r - mean as computed.
   """
+  group_size = rewards_NxG.shape[1]
   tied_Nx1 = rewards_NxG.max(axis=1, keepdims=True) == rewards_NxG.min(axis=1, keepdims=True)
+  at_mean_NxG = group_size * rewards_NxG == rewards_NxG.sum(axis=1, keepdims=True)
   centered_NxG = rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)
-  return jnp.where(tied_Nx1, 0.0, centered_NxG)
+  return jnp.where(tied_Nx1 | at_mean_NxG, 0.0, centered_NxG)
 
 
 def mean_centered_advantages(rewards_B, group_size: int):
-  """Dr. GRPO advantage r - mean_group(r), one value per response; 0 in tied groups."""
+  """Dr. GRPO advantage r - mean_group(r), one value per response; 0 at the mean (_centered)."""
   return _centered(_grouped(rewards_B, group_size)).reshape(-1)
 
 
 def grpo_advantages(rewards_B, group_size: int, eps: float = 1e-6):
   """GRPO advantage (r - mean_group r) / (std_group r + eps), with the unbiased (n - 1) std.
 
-  A group whose rewards are all equal gets advantage exactly 0.
+  A response at its group's mean (_centered), a tied group's included, gets exactly 0.
   """
   rewards_NxG = _grouped(rewards_B, group_size)
   std_Nx1 = rewards_NxG.std(axis=1, ddof=1, keepdims=True)

@@ -31,9 +31,11 @@ def test_mean_centered_and_w_reinforce_advantages():
   np.testing.assert_allclose(obj.compute_advantages([1., 0], 2, "w_reinforce", 0.5), [0.5, -1.0])
 
 
+GROUP_BASELINES = tuple(e for e in obj.ADVANTAGES if e != "w_reinforce")
+
+
 def _tied_group_advantages(rewards_B, group_size):
-  advantages = {e: obj.compute_advantages(rewards_B, group_size, e)
-                for e in ("grpo", "mean_centered")}
+  advantages = {e: obj.compute_advantages(rewards_B, group_size, e) for e in GROUP_BASELINES}
   kept = {(e, s): obj.selection_weights(a, s)
           for e, a in advantages.items() for s in ("negative", "positive")}
   return advantages, kept
@@ -48,24 +50,62 @@ def test_tied_group_of_three_is_exactly_zero_under_jit():
   assert sum(float(w.sum()) for w in kept.values()) == 0
 
 
+def test_reward_at_its_group_mean_gets_exactly_zero_under_jit():
+  # Issue 37: the mean is exactly 0.4375 (the fifth reward); it got -2.98e-8 (mean-centered) and
+  # -9.6e-8 (GRPO), so NSR kept it.
+  rewards = np.array([0.078125, 0.046875, 0.53125, 0.84375, 0.4375, 0.78125, 0.34375])
+  advantages, kept = jax.jit(_tied_group_advantages, static_argnums=1)(jnp.asarray(rewards), 7)
+  centered = rewards - rewards.mean()
+  expected = {"mean_centered": centered, "grpo": centered / (rewards.std(ddof=1) + 1e-6)}
+  for estimator, a in advantages.items():
+    assert a[4] == 0, (estimator, a[4])
+    np.testing.assert_allclose(a, expected[estimator], rtol=1e-6)
+    assert kept[estimator, "negative"].tolist() == [1, 1, 0, 0, 0, 0, 1]
+    assert kept[estimator, "positive"].tolist() == [0, 0, 1, 1, 0, 1, 0]
+
+
+def _fractional_groups(group_size, num_groups, rng, off_by_one):
+  """Integer numerators (num_groups, group_size) of rewards n / 2^16 in (0, 1), each group holding
+  one reward mu whose group sum is G * mu (+ 1 with off_by_one: then mu sits 2^-16 / G below
+  the mean). Every G * n and partial sum is below 2^24, so float32 holds them exactly."""
+  groups = []
+  for _ in range(num_groups):
+    mu = rng.integers(2**14, 3 * 2**14)
+    deviations = rng.integers(-200, 201, group_size - 1)
+    deviations[-1] -= deviations.sum()
+    deviations[0] += off_by_one
+    groups.append(rng.permutation(np.append(mu + deviations, mu)))
+  return np.array(groups)
+
+
 @pytest.mark.slow  # 63 compilations: about 30 s on two busy cores.
-def test_tied_groups_are_exactly_zero_under_jit_for_every_group_size():
+def test_responses_at_their_group_mean_are_exactly_zero_under_jit_for_every_group_size():
+  rng = np.random.default_rng(0)
   for group_size in range(2, 65):
-    # Four tied groups of ones, four of 0.3, then a mixed group [1, 0, 0, ...].
+    # Four tied groups of ones, four of 0.3, a mixed group [1, 0, 0, ...], then fractional groups
+    # with a reward at their mean and fractional groups with one 2^-16 / G below it.
     tied = 8 * group_size
     mixed = np.zeros(group_size, np.float32)
     mixed[0] = 1.0
-    rewards = jnp.asarray(np.concatenate([np.ones(tied // 2), np.full(tied // 2, 0.3), mixed]),
-                          jnp.float32)
+    numerators_NxG = np.concatenate([_fractional_groups(group_size, 4, rng, 0),
+                                     _fractional_groups(group_size, 4, rng, 1)])
+    fractional = numerators_NxG.reshape(-1) / 2**16
+    rewards = jnp.asarray(
+        np.concatenate([np.ones(tied // 2), np.full(tied // 2, 0.3), mixed, fractional]),
+        jnp.float32)
     advantages, kept = jax.jit(_tied_group_advantages, static_argnums=1)(rewards, group_size)
+    # The exact sign of each fractional reward's advantage: sign(G * n - sum of its group).
+    sign_B = np.sign(group_size * numerators_NxG - numerators_NxG.sum(1, keepdims=True))
+    sign_B = np.concatenate([np.zeros(tied), [1], -np.ones(group_size - 1), sign_B.reshape(-1)])
     for estimator, a in advantages.items():
-      a = np.asarray(a)
-      assert (a[:tied] == 0).all(), (group_size, estimator, a[:tied])
-      assert a[tied] > 0 and (a[tied + 1:] < 0).all(), (group_size, estimator)
+      np.testing.assert_array_equal(np.sign(a), sign_B, err_msg=f"{group_size} {estimator}")
+    fractional_NxG = fractional.reshape(-1, group_size)
+    centered_NxG = fractional_NxG - fractional_NxG.mean(1, keepdims=True)
+    np.testing.assert_allclose(advantages["mean_centered"][tied + group_size:],
+                               centered_NxG.reshape(-1), rtol=1e-5, atol=1e-7)
     for (estimator, selection), weights in kept.items():
-      weights = np.asarray(weights)
-      assert weights[:tied].sum() == 0, (group_size, estimator, selection)
-      assert weights[tied:].sum() == (1 if selection == "positive" else group_size - 1)
+      np.testing.assert_array_equal(weights, sign_B == (1 if selection == "positive" else -1),
+                                    err_msg=f"{group_size} {estimator} {selection}")
   with pytest.raises(ValueError, match="group_size=1"):  # No baseline: an error, not A = 0.
     jax.jit(_tied_group_advantages, static_argnums=1)(jnp.ones(3), 1)
 
