@@ -21,18 +21,26 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _json_of(path: str, data: bytes):
-  """The JSON value in data, read from path; an error naming the path when it is not JSON."""
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _json_object(path: str, data: bytes) -> dict:
+  """The JSON object in data, read from path; an error naming the path when it is not one."""
   try:
-    return json.loads(data)
+    value = json.loads(data)
   except (UnicodeDecodeError, json.JSONDecodeError) as error:
     raise UserError(f"{path}: not valid JSON ({error})") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path}: expected a JSON object ({{...}}), found a JSON "
+                    f"{_JSON_TYPES[type(value)]}")
+  return value
 
 
-def _json_file(path: str):
-  """The JSON value of a file; an error naming it when it is not JSON."""
+def _json_file(path: str) -> dict:
+  """The JSON object of a file; an error naming it when it is not one."""
   with open(path, "rb") as f:
-    return _json_of(path, f.read())
+    return _json_object(path, f.read())
 
 
 class SafetensorsCheckpoint:
@@ -47,7 +55,14 @@ class SafetensorsCheckpoint:
     self.config_source = config_path
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-      files = sorted(set(_json_file(index_path)["weight_map"].values()))
+      weight_map = _json_file(index_path).get("weight_map")
+      if not isinstance(weight_map, dict) or not all(isinstance(f, str)
+                                                     for f in weight_map.values()):
+        raise UserError(f"{index_path}: expected a \"weight_map\" object of tensor -> file name")
+      files = sorted(set(weight_map.values()))
+      for name in files:
+        if not os.path.isfile(os.path.join(directory, name)):
+          raise UserError(f"{index_path}: lists {name!r}, which is not in {directory}")
     else:
       files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
@@ -65,21 +80,29 @@ class SafetensorsCheckpoint:
       (header_len,) = struct.unpack("<Q", raw)
       if 8 + header_len > size:
         raise UserError(f"{path}: truncated safetensors file (header of {header_len} bytes)")
-      header = _json_of(f"{path} (safetensors header)", f.read(header_len))
+      header = _json_object(f"{path} (safetensors header)", f.read(header_len))
     header.pop("__metadata__", None)
     for tensor_name, info in header.items():
-      begin, end = info["data_offsets"]
+      try:
+        (begin, end), dtype, shape = info["data_offsets"], info["dtype"], tuple(info["shape"])
+      except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: tensor {tensor_name!r} has a malformed header entry {info!r} "
+                        "(expected dtype, shape and data_offsets)") from None
       if 8 + header_len + end > size:
         raise UserError(f"{path}: truncated safetensors file; tensor {tensor_name!r} ends at "
                         f"byte {8 + header_len + end} of {size}")
-      if info["dtype"] not in _SAFETENSORS_DTYPES:
-        raise UserError(f"{path}: tensor {tensor_name!r} has unsupported dtype {info['dtype']}")
-      self._entries[tensor_name] = (path, 8 + header_len + begin, info["dtype"],
-                                    tuple(info["shape"]))
+      if dtype not in _SAFETENSORS_DTYPES:
+        raise UserError(f"{path}: tensor {tensor_name!r} has unsupported dtype {dtype}")
+      self._entries[tensor_name] = (path, 8 + header_len + begin, dtype, shape)
 
   @property
   def names(self) -> set[str]:
     return set(self._entries)
+
+  @property
+  def stored_tensors(self) -> list[tuple[str, str, str]]:
+    """(file, name in the file, Hugging Face name) of every tensor the checkpoint holds."""
+    return [(path, name, name) for name, (path, *_) in self._entries.items()]
 
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name][3]
@@ -148,6 +171,7 @@ class GGUFCheckpoint:
                     if not k.startswith("tokenizer.")}
     size = os.path.getsize(path)
     self._tensors = {}
+    self._stored_names = []  # (name in the file, Hugging Face name or None) of every tensor.
     for tensor in reader.tensors:
       block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
       expected = int(tensor.n_elements) // block * type_size
@@ -156,6 +180,7 @@ class GGUFCheckpoint:
         raise UserError(f"{path}: truncated GGUF file; tensor {tensor.name!r} ends at byte "
                         f"{end} of {size}")
       hf_name = _hf_name_of_gguf(tensor.name)
+      self._stored_names.append((tensor.name, hf_name))
       if hf_name is not None:
         self._tensors[hf_name] = tensor
     self.config_source = path
@@ -202,6 +227,11 @@ class GGUFCheckpoint:
   @property
   def names(self) -> set[str]:
     return set(self._tensors)
+
+  @property
+  def stored_tensors(self) -> list[tuple[str, str, str | None]]:
+    """(file, name in the file, Hugging Face name or None if unknown) of every tensor it holds."""
+    return [(self.path, name, hf_name) for name, hf_name in self._stored_names]
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(self._tensors[name].shape))

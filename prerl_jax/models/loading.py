@@ -2,9 +2,13 @@
 
 Every tensor is checked (present, right shape) before any is placed, and for NaN and Inf as it
 is read, so a bad checkpoint raises an error naming the tensor and file and nothing half-loaded
-is returned. With a mesh, each parameter is assembled on the host one at a time and each device
-receives only its shard.
+is returned. Every tensor of the checkpoint must be read, or be a known non-weight
+(weight_names.NON_WEIGHT_TENSORS): others, such as layers beyond the config's, fail in one error
+naming them, unless allow_unused_weights asks for a deliberately truncated model. With a mesh,
+each parameter is assembled on the host one at a time and each device receives only its shard.
 """
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +23,10 @@ from prerl_jax.models.checkpoint_readers import open_checkpoint
 from prerl_jax.models.decoder import Decoder
 from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.tokenizer import load_tokenizer
-from prerl_jax.models.weight_names import TensorMapping, tensor_mappings
+from prerl_jax.models.weight_names import (NON_WEIGHT_TENSORS, TensorMapping, grouped_names,
+                                           tensor_mappings)
+
+_ROWS_COMPARED = 4096  # Rows of two tensors held at once to compare them.
 
 
 def _check_tensors(checkpoint, mappings: list[TensorMapping]):
@@ -30,6 +37,47 @@ def _check_tensors(checkpoint, mappings: list[TensorMapping]):
       if tuple(checkpoint.shape(name)) != mapping.hf_shape:
         raise UserError(f"{checkpoint.where(name)}: tensor {name!r} has shape "
                         f"{tuple(checkpoint.shape(name))}, expected {mapping.hf_shape}")
+
+
+def _same_values(checkpoint, name: str, other: str) -> bool:
+  """Whether two checkpoint tensors hold the same shape and values, read a block at a time."""
+  if checkpoint.shape(name) != checkpoint.shape(other):
+    return False
+  a, b = checkpoint.read(name), checkpoint.read(other)
+  return all(np.array_equal(np.asarray(a[i:i + _ROWS_COMPARED], np.float32),
+                            np.asarray(b[i:i + _ROWS_COMPARED], np.float32))
+             for i in range(0, a.shape[0], _ROWS_COMPARED))
+
+
+def _check_unused(checkpoint, config: ModelConfig, mappings: list[TensorMapping],
+                  allow_unused: bool):
+  """An error (a warning with allow_unused) naming the checkpoint's tensors the model ignores."""
+  read = {name for mapping in mappings for name in mapping.hf_names}
+  tied_head = config.tie_word_embeddings and "lm_head.weight" in checkpoint.names
+  if tied_head and _same_values(checkpoint, "lm_head.weight", "model.embed_tokens.weight"):
+    read.add("lm_head.weight")
+  unused, file_names = {}, {}
+  for file, name, hf_name in checkpoint.stored_tensors:
+    if NON_WEIGHT_TENSORS.fullmatch(name):
+      continue
+    file_names.setdefault(file, []).append(name)
+    if hf_name not in read:
+      unused.setdefault(file, []).append(name)
+  if not unused:
+    return
+  count = sum(len(names) for names in unused.values())
+  listing = "; ".join(f"{file}: {grouped_names(names, file_names[file])}"
+                      for file, names in unused.items())
+  if tied_head and "lm_head.weight" not in read:
+    listing += " (lm_head.weight differs from the embedding that tie_word_embeddings uses)"
+  if allow_unused:
+    logging.warning("Loading without %d of the checkpoint's tensors, unused by %s "
+                    "(allow_unused_weights): %s", count, checkpoint.config_source, listing)
+    return
+  raise UserError(f"{checkpoint.config_source} describes a model that does not use {count} "
+                  f"of the checkpoint's tensors: {listing}. Fix the config, or pass "
+                  "allow_unused_weights=True (run config: model.allow_unused_weights=True) to "
+                  "load without them")
 
 
 def _read_float32(checkpoint, name: str, check_finite: bool) -> np.ndarray:
@@ -61,7 +109,8 @@ def model_config_of(checkpoint_path: str, **overrides) -> ModelConfig:
 
 def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None = None,
                rules=sharding.DEFAULT_RULES, with_tokenizer: bool = True,
-               check_finite: bool = True, **config_overrides) -> tuple[Decoder, object]:
+               check_finite: bool = True, allow_unused_weights: bool = False,
+               **config_overrides) -> tuple[Decoder, object]:
   """Loads (model, tokenizer) from a preset name or a checkpoint path.
 
   Args:
@@ -71,6 +120,8 @@ def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None 
     mesh: place parameters sharded over this mesh by `rules`; default the first device.
     with_tokenizer: also load the tokenizer of the same checkpoint (else None is returned).
     check_finite: fail on a tensor holding NaN or Inf (False saves a pass over huge checkpoints).
+    allow_unused_weights: load a model smaller than its checkpoint (say, fewer layers than it
+      holds), warning once, where by default a tensor the model does not read is an error.
     **config_overrides: ModelConfig fields such as `param_dtype`, `dtype`, `remat`.
   """
   checkpoint_path, family = presets.resolve(name_or_path, path)
@@ -82,6 +133,7 @@ def load_model(name_or_path: str, *, path: str | None = None, mesh: Mesh | None 
                     f"{family} checkpoint, this one is {config.model_type}")
   mappings = tensor_mappings(config)
   _check_tensors(checkpoint, mappings)
+  _check_unused(checkpoint, config, mappings, allow_unused_weights)
 
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)

@@ -4,13 +4,21 @@ Hugging Face stores a linear layer as [out, in]; we store [in..., out...] (for e
 [embed, heads, head_dim]) with a leading `layers` axis for per-layer weights.
 """
 
+import collections
 import dataclasses
 import math
+import re
 
 import numpy as np
 
 from prerl_jax.models.decoder import layer_shapes
 from prerl_jax.models.config import ModelConfig
+
+# Tensors checkpoints carry beside the weights, rebuilt from the config, so not read: rotary
+# inverse frequencies (older transformers saved `model.layers.{i}.self_attn.rotary_emb.inv_freq`
+# or `model.rotary_emb.inv_freq`). A tied `lm_head.weight` equal to the embedding counts as read.
+NON_WEIGHT_TENSORS = re.compile(r"(.+\.)?rotary_emb\.inv_freq")
+_LAYER_TENSOR = re.compile(r"(.*(?:layers|blk))\.(\d+)\.(.+)")  # HF or GGUF: prefix, layer, rest.
 
 # Our per-layer name: (Hugging Face suffix after `model.layers.{i}.`, input axes of a linear or 0).
 # Biases are stored per head ([heads, head_dim]) and flattened in Hugging Face files.
@@ -85,3 +93,50 @@ def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
     mappings.append(TensorMapping(("lm_head",), ("lm_head.weight",),
                                   (config.hidden_size, config.vocab_size), 1))
   return mappings
+
+
+def _ranges(indices) -> str:
+  """Integers as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+  runs = []
+  for index in sorted(indices):
+    if runs and index == runs[-1][1] + 1:
+      runs[-1][1] = index
+    else:
+      runs.append([index, index])
+  return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _tensors(count: int) -> str:
+  return f"{count} tensor" + ("s" if count > 1 else "")
+
+
+def grouped_names(names, file_names) -> str:
+  """`names` (tensors of one file whose names are `file_names`) as one short line.
+
+  A layer whose every tensor is among them reads `model.layers.1-3.* (27 tensors)`; a tensor
+  over several layers `model.layers.0-35.self_attn.q_proj.bias (36 tensors)`; others as named.
+  """
+  per_layer = collections.Counter()
+  for name in file_names:
+    if match := _LAYER_TENSOR.fullmatch(name):
+      per_layer[match[1], int(match[2])] += 1
+  layers, others = collections.defaultdict(set), []
+  for name in names:
+    if match := _LAYER_TENSOR.fullmatch(name):
+      layers[match[1], int(match[2])].add(match[3])
+    else:
+      others.append(name)
+  whole, partial = collections.defaultdict(list), collections.defaultdict(list)
+  for (prefix, index), rests in layers.items():
+    if len(rests) == per_layer[prefix, index]:
+      whole[prefix].append(index)
+    else:
+      for rest in rests:
+        partial[prefix, rest].append(index)
+  parts = [f"{prefix}.{_ranges(indices)}.* "
+           f"({_tensors(sum(per_layer[prefix, i] for i in indices))})"
+           for prefix, indices in sorted(whole.items())]
+  parts += [f"{prefix}.{_ranges(indices)}.{rest}" + (f" ({_tensors(len(indices))})"
+                                                     if len(indices) > 1 else "")
+            for (prefix, rest), indices in sorted(partial.items())]
+  return ", ".join(parts + sorted(others))
