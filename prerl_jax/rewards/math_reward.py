@@ -3,10 +3,26 @@
 Answers are verified in a small pool of worker processes, each answer with a deadline; a worker
 that misses it (a hung sympy call on `9^{9^{9^{9}}}`, say) is killed and replaced, and the answer
 scores 0 with a timeout counted. Answers are only ever parsed as LaTeX, never evaluated as code.
+
+What counts as the same answer beyond math-verify (prerl_jax.rewards.math_forms finds the forms):
+- Letters: when either side is a letter answer (`(E)`, `\\text{(E)}`, `\\textbf{E}`, `A, C`), both
+  must be, with the same letters in any case; `E` equals `(E)`, never Euler's number (2.718 vs
+  `(E)` is wrong). Against a letter truth a lone small letter is a letter too (`e` is `(E)`).
+- Constants: `i` and `e` are the imaginary unit and Euler's number however they are typeset
+  (`7i`, `7\\mathrm{i}`, `7\\text{ i}`, `\\operatorname{i}`), never a unit: `7\\mathrm{i}` is 7i,
+  not 7; `2\\mathrm{e}` equals `2e`; `3\\pi` is not 3. Other letters are variables (`7m`, `2s`);
+  only the SI symbols m, g, s, h, L in a text command (`7\\,\\mathrm{m}`) are units.
+- Units (a trailing `\\text{ cm}`, `5 cm`, `30^\\circ`, `\\%`, a dollar sign): when the truth has a
+  unit, the answer may leave it out or must give the same one (`5\\text{ m}` against
+  `5\\text{ cm}` is wrong). A unit the truth lacks is dropped under units="free" (the default,
+  for data whose truths had their units stripped, such as the MATH train set: `30^\\circ`,
+  `5\\text{ cm}`, `10\\%`, `\\$5` against 30, 5, 10, 5 score 1) and makes the answer wrong
+  under units="strict" (for truths that keep their units).
 """
 
 import collections
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -22,6 +38,7 @@ from prerl_jax.rewards import answers
 
 DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_MAX_ANSWER_CHARS = 1000
+UNIT_RULES = ("free", "strict")  # What a unit the truth lacks does: dropped, or a wrong answer.
 _STARTUP_TIMEOUT_S = 60.0
 _CORRECT, _WRONG, _UNPARSABLE, _READY = "correct", "wrong", "unparsable", "ready"
 
@@ -41,24 +58,33 @@ class MathRewards:
             "timeouts": self.timeouts}
 
 
-def verify_answer(answer: str, ground_truth: str) -> str:
+def verify_answer(answer: str, ground_truth: str, units: str = "free") -> str:
   """Compares one boxed answer with the truth in this process: "correct", "wrong" or "unparsable".
 
-  No time limit: call it through MathVerifierPool unless the inputs are trusted. Equations,
-  constants and repeating decimals are judged as prerl_jax.rewards.math_forms describes.
+  No time limit: call it through MathVerifierPool unless the inputs are trusted. Letters, units
+  (under the rule `units`, one of UNIT_RULES), equations, constants and repeating decimals are
+  judged as this module's docstring and prerl_jax.rewards.math_forms describe.
   """
   import math_verify  # pylint: disable=import-outside-toplevel
   from prerl_jax.rewards import math_forms  # pylint: disable=import-outside-toplevel
 
+  truth_letters = math_forms.letter_answer(ground_truth)
+  answer_letters = math_forms.letter_answer(answer, any_case=truth_letters is not None)
+  if truth_letters or answer_letters:
+    return _CORRECT if truth_letters == answer_letters else _WRONG
+  ground_truth, truth_units = math_forms.split_units(math_forms.readable_fonts(ground_truth))
+  answer, answer_units = math_forms.split_units(math_forms.readable_fonts(answer))
+  if not answer_units <= truth_units and (truth_units or units == "strict"):
+    return _WRONG
+
   def parsed(latex: str) -> list:
     latex = math_forms.repeating_decimals_as_fractions(latex)
     return [math_forms.with_constants(expr) for expr in math_verify.parse(
-        f"\\boxed{{{latex}}}", extraction_config=config, parsing_timeout=None)]
+        f"\\boxed{{{latex}}}", extraction_config=_latex_config(), parsing_timeout=None)]
 
   def equal(gold, predicted) -> bool:
     return math_verify.verify(gold, predicted, timeout_seconds=None)
 
-  config = [math_verify.LatexExtractionConfig()]
   gold, predicted = parsed(ground_truth), parsed(answer)
   if not gold or not predicted:
     return _UNPARSABLE
@@ -68,8 +94,18 @@ def verify_answer(answer: str, ground_truth: str) -> str:
   return _CORRECT if equal(gold, predicted) else _WRONG
 
 
+@functools.cache
+def _latex_config() -> tuple:
+  """math-verify's LaTeX extraction without its unit stripping (split_units decides units)."""
+  import math_verify  # pylint: disable=import-outside-toplevel
+  default = math_verify.LatexExtractionConfig()
+  return (dataclasses.replace(
+      default, normalization_config=dataclasses.replace(default.normalization_config,
+                                                        units=False)),)
+
+
 def _worker_loop(connection) -> None:
-  """Worker process: answers (answer, truth) requests with verify_answer until sent None."""
+  """Worker process: answers (answer, truth, units) requests with verify_answer until sent None."""
   logging.getLogger("math_verify").setLevel(logging.ERROR)
   connection.send(_READY)
   while True:
@@ -138,10 +174,13 @@ class MathVerifierPool:
   """A pool of math-verify worker processes that scores batches of responses with a deadline."""
 
   def __init__(self, num_workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-               max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS):
+               max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS, units: str = "free"):
     if timeout_s <= 0:
       raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if units not in UNIT_RULES:
+      raise ValueError(f"units must be one of {list(UNIT_RULES)}, got {units!r}")
     self.timeout_s = timeout_s
+    self.units = units
     self.max_answer_chars = max_answer_chars
     _check_main_is_importable()
     self._context = multiprocessing.get_context("forkserver")
@@ -192,7 +231,7 @@ class MathVerifierPool:
       for slot in range(len(self._workers)):
         if slot not in busy and pending:
           index, answer, truth = pending.popleft()
-          self._send(slot, (answer, truth))
+          self._send(slot, (answer, truth, self.units))
           busy[slot] = (index, time.monotonic() + self.timeout_s)
       wait_s = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
       ready = multiprocessing.connection.wait(
@@ -213,7 +252,7 @@ class MathVerifierPool:
           counts["timeout"] += 1
           del busy[slot]
 
-  def _send(self, slot: int, request: tuple[str, str]) -> None:
+  def _send(self, slot: int, request: tuple[str, str, str]) -> None:
     """Sends a request to a worker, first replacing it if it died while idle."""
     try:
       self._workers[slot].connection.send(request)
@@ -227,7 +266,7 @@ class MathVerifierPool:
 
 
 def score_math(responses: list[str], ground_truths: list[str], timeout_s: float = DEFAULT_TIMEOUT_S,
-               num_workers: int | None = None) -> MathRewards:
+               num_workers: int | None = None, units: str = "free") -> MathRewards:
   """One-off batch scoring with a temporary pool (keep a MathVerifierPool open in a loop)."""
-  with MathVerifierPool(num_workers, timeout_s) as pool:
+  with MathVerifierPool(num_workers, timeout_s, units=units) as pool:
     return pool.score(responses, ground_truths)

@@ -98,6 +98,130 @@ VERIFIER_TABLE = [
     ("\\boxed{\\frac{1}{3}}", "0.\\overline{3}", 1),
     ("\\boxed{0.\\overline{3}}", "0.33", 0),
     ("\\boxed{0.\\overline{3}}", "\\frac{3}{10}", 0),
+    # Letter answers compare as letters (any case, with or without parentheses or a font
+    # command), never as Euler's number or a product of symbols.
+    ("\\boxed{(E)}", "E", 1),
+    ("\\boxed{E}", "\\text{(E)}", 1),
+    ("\\boxed{\\textbf{(E)}}", "\\text{(E)}", 1),
+    ("\\boxed{\\mathrm{(B)}}", "B", 1),
+    ("\\boxed{\\left( C \\right)}", "\\text{(C)}", 1),
+    ("\\boxed{{\\bf (C)}}", "C", 1),
+    ("\\boxed{(e)}", "\\text{(E)}", 1),
+    ("\\boxed{e}", "\\text{(E)}", 1),
+    ("\\boxed{\\text{(d)}}", "D", 1),
+    ("\\boxed{E}", "D", 0),
+    ("\\boxed{\\text{(D)}}", "\\textbf{(E)}", 0),
+    ("\\boxed{2.718}", "\\text{(E)}", 0),
+    ("\\boxed{2.718281828}", "\\text{(E)}", 0),
+    ("\\boxed{2.718282}", "{(E)}", 0),
+    ("\\boxed{(E)\\ 2.718}", "\\text{(E)}", 0),
+    ("\\boxed{\\text{(E) or (D)}}", "\\text{(E)}", 0),
+    ("\\boxed{(E)}", "e", 0),
+    ("\\boxed{E}", "2.718281828", 0),
+    ("\\boxed{(B)}", "5", 0),
+    ("\\boxed{A, C}", "C,A", 1),
+    ("\\boxed{(A), (C)}", "\\{A,C\\}", 1),
+    ("\\boxed{A, C}", "A", 0),
+    ("\\boxed{A, B, 2.718281828}", "{A,B,E}", 0),
+    ("\\boxed{ABCD}", "{CBAD}", 0),
+    # A letter after a number is a constant or a variable, never a dropped unit.
+    ("\\boxed{7\\mathrm{i}}", "7", 0),
+    ("\\boxed{7\\text{i}}", "7", 0),
+    ("\\boxed{7 \\text{ i}}", "7", 0),
+    ("\\boxed{7\\,\\mathrm{i}}", "7", 0),
+    ("\\boxed{7\\operatorname{i}}", "7", 0),
+    ("\\boxed{7\\mathbf{i}}", "7", 0),
+    ("\\boxed{7{\\rm i}}", "7", 0),
+    ("\\boxed{\\mathrm{i}7}", "7", 0),
+    ("\\boxed{7 \\cdot \\mathrm{i}}", "7", 0),
+    ("\\boxed{7i}", "7", 0),
+    ("\\boxed{1 + \\text{i}}", "1", 0),
+    ("\\boxed{2\\mathrm{e}}", "2", 0),
+    ("\\boxed{2\\,\\text{e}}", "2", 0),
+    ("\\boxed{2e}", "2", 0),
+    ("\\boxed{3\\pi}", "3", 0),
+    ("\\boxed{3\\mathrm{\\pi}}", "3", 0),
+    ("\\boxed{3\\text{ pi}}", "3", 0),
+    ("\\boxed{5\\sqrt{2}}", "5", 0),
+    ("\\boxed{7m}", "7", 0),
+    ("\\boxed{7 m}", "7", 0),
+    ("\\boxed{2}", "2s", 0),
+    ("\\boxed{7x}", "7", 0),
+    ("\\boxed{7\\mathrm{i}}", "7i", 1),
+    ("\\boxed{\\mathrm{i}7}", "7i", 1),
+    ("\\boxed{7\\operatorname{i}}", "7i", 1),
+    ("\\boxed{-7\\mathrm{i}}", "7i", 0),
+    ("\\boxed{1 + \\mathrm{i}}", "1+i", 1),
+    ("\\boxed{3 - 4\\mathrm{i}}", "3-4i", 1),
+    ("\\boxed{3 - 4\\mathrm{i}}", "3+4i", 0),
+    ("\\boxed{\\mathrm{e}^{\\mathrm{i}\\pi}}", "-1", 1),
+    ("\\boxed{2\\mathrm{e}}", "2e", 1),
+    ("\\boxed{3\\mathrm{\\pi}}", "3\\pi", 1),
+    ("\\boxed{7\\mathrm{x}}", "7x", 1),
+    ("\\boxed{A^{\\mathrm{T}}}", "A^T", 1),
+    ("\\boxed{\\frac{\\mathrm{d}y}{\\mathrm{d}x}}", "\\frac{dy}{dx}", 1),
+    # Units (units="free", the default): the truth's unit may be left out or given the same way;
+    # a unit the truth lacks is dropped; a different unit is wrong.
+    ("\\boxed{5\\text{ cm}}", "5\\text{ centimeters}", 1),
+    ("\\boxed{5}", "5\\text{ cm}", 1),
+    ("\\boxed{5\\text{ m}}", "5\\text{ cm}", 0),
+    ("\\boxed{5\\text{ cm}^2}", "5\\text{ cm}", 0),
+    ("\\boxed{7\\,\\mathrm{cm}}", "7", 1),
+    ("\\boxed{7\\,\\mathrm{m}}", "7", 1),
+    ("\\boxed{7 cm}", "7", 1),
+    ("\\boxed{5\\text{ cm}^2}", "5", 1),
+    ("\\boxed{5\\text{ square units}}", "5", 1),
+    ("\\boxed{5\\text{ sq. units}}", "5\\text{ units}^2", 1),
+    ("\\boxed{60\\text{ mph}}", "60\\text{ miles per hour}", 1),
+    ("\\boxed{7\\text{ km/h}}", "7\\text{ kph}", 1),
+    ("\\boxed{12\\text{ students}}", "12", 1),
+    ("\\boxed{2\\text{ months}}", "2", 1),
+    ("\\boxed{3\\text{rd}}", "3", 1),
+    ("\\boxed{x\\text{ cm}}", "x", 1),
+    ("\\boxed{7\\text{ or more}}", "7", 0),
+    ("\\boxed{5\\text{ hundred}}", "5", 0),
+    ("\\boxed{3\\text{ halves}}", "3", 0),
+    ("\\boxed{3\\text{ tenths}}", "3", 0),
+    ("\\boxed{5\\text{ cm} + 3}", "8", 0),
+    ("\\boxed{\\text{cm}}", "5", 0),
+    ("\\boxed{30^{\\circ}}", "30", 1),
+    ("\\boxed{30°}", "30", 1),
+    ("\\boxed{30 \\text{ degrees}}", "30^\\circ", 1),
+    ("\\boxed{30}", "30^{\\circ}", 1),
+    ("\\boxed{25^\\circ\\text{C}}", "25", 1),
+    ("\\boxed{\\frac{\\pi}{6}}", "30^\\circ", 0),
+    ("\\boxed{30^\\circ}", "\\frac{\\pi}{6}", 0),
+    ("\\boxed{10\\text{ percent}}", "0.1", 1),
+    ("\\boxed{50\\%}", "\\frac{1}{2}", 1),
+    ("\\boxed{5\\text{ dollars}}", "\\$5", 1),
+    ("\\boxed{50\\text{ cents}}", "\\$0.50", 0),
+]
+
+# (response, ground truth, expected reward) when units are strict: a unit the truth lacks is
+# a wrong answer; leaving out the truth's unit, or giving the same one, is not.
+STRICT_UNITS_TABLE = [
+    ("\\boxed{7\\,\\mathrm{cm}}", "7", 0),
+    ("\\boxed{7 \\text{ cm}}", "7", 0),
+    ("\\boxed{7 cm}", "7", 0),
+    ("\\boxed{7\\,\\mathrm{m}}", "7", 0),
+    ("\\boxed{5\\text{ cm}^2}", "5", 0),
+    ("\\boxed{12\\text{ students}}", "12", 0),
+    ("\\boxed{30^\\circ}", "30", 0),
+    ("\\boxed{10\\%}", "10", 0),
+    ("\\boxed{\\$5}", "5", 0),
+    ("\\boxed{5\\text{ m}}", "5\\text{ cm}", 0),
+    ("\\boxed{7\\mathrm{i}}", "7", 0),
+    ("\\boxed{30}", "30^\\circ", 1),
+    ("\\boxed{30\\text{ degrees}}", "30^\\circ", 1),
+    ("\\boxed{0.1}", "10\\%", 1),
+    ("\\boxed{10}", "10\\%", 1),
+    ("\\boxed{5}", "\\$5", 1),
+    ("\\boxed{5}", "5\\text{ cm}", 1),
+    ("\\boxed{5\\text{ cm}}", "5\\text{ centimeters}", 1),
+    ("\\boxed{7\\mathrm{i}}", "7i", 1),
+    ("\\boxed{(E)}", "\\text{(E)}", 1),
+    ("\\boxed{x = 3}", "3", 1),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1),
 ]
 
 
@@ -110,6 +234,23 @@ def pool():
 @pytest.mark.parametrize("response, truth, expected", VERIFIER_TABLE)
 def test_verifier_table(pool, response, truth, expected):
   assert pool.score([response], [truth]).rewards.tolist() == [expected]
+
+
+@pytest.fixture(scope="module")
+def strict_pool():
+  with math_reward.MathVerifierPool(num_workers=1, timeout_s=TIMEOUT_S,
+                                    units="strict") as verifier_pool:
+    yield verifier_pool
+
+
+@pytest.mark.parametrize("response, truth, expected", STRICT_UNITS_TABLE)
+def test_strict_units_table(strict_pool, response, truth, expected):
+  assert strict_pool.score([response], [truth]).rewards.tolist() == [expected]
+
+
+def test_an_unknown_unit_rule_is_an_error():
+  with pytest.raises(ValueError, match=r"units must be one of \['free', 'strict'\], got 'loose'"):
+    math_reward.MathVerifierPool(num_workers=1, units="loose")
 
 
 def test_batch_rewards_and_missing_answer_count(pool):
