@@ -20,14 +20,13 @@ Results do not depend on scheduling: sample s of prompt i is sequence i * n + s,
 token is drawn with `fold_in(fold_in(key, sequence), t)`, so the same key gives the same tokens
 whatever the row count, shard count, chunk size, pool size or admission order (up to float
 rounding of different batch shapes). Every scheduling decision is taken from host copies of the
-chunks' results, which are the same on every host of a multi-host run.
+chunks' results, which are the same on every host of a multi-host run, by `schedule.Scheduler`,
+which the dry run also runs over given response lengths without a model (`schedule.Simulation`).
 
 `sample` returns the `SampleOutput` of `Sampler.sample` (the same log-prob convention); the draws
 differ from the static sampler's, which keys by step only.
 """
 
-import bisect
-import collections
 import dataclasses
 import functools
 import math
@@ -41,7 +40,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from prerl_jax import sharding
-from prerl_jax.generate import page_pool
+from prerl_jax.generate import page_pool, schedule
 from prerl_jax.generate.paged_attention import gather_attention
 from prerl_jax.generate.paged_forward import compute_weights, paged_forward
 from prerl_jax.generate.sampler import SampleOutput, SamplingConfig, choose_tokens, \
@@ -188,28 +187,6 @@ def _decode_program(graphdef, state, packed, kv_pages, rows: RowState, key,
   return kv_pages, rows, tokens_RxK, logprobs_RxK
 
 
-def _decode_widths(rows: int) -> tuple[int, ...]:
-  """The row counts a decode chunk is compiled for: a quarter, half and all of the rows (a
-  chunk runs the narrowest that holds the occupied rows, so a long tail of responses decodes
-  without the finished rows' work)."""
-  return tuple(sorted({-(-rows // parts) for parts in (4, 2, 1)}))
-
-
-def _prefill_widths(prefill_chunk: int) -> tuple[int, ...]:
-  """The token widths a prefill call is compiled for: powers of two from 16, then the chunk."""
-  widths = [w for w in (2**i for i in range(4, 31)) if w < prefill_chunk]
-  return tuple(widths) + (prefill_chunk,)
-
-
-@dataclasses.dataclass
-class _Group:
-  """A prompt, the samples of it still to be sampled, and the shard it runs in once admitted."""
-  prompt: list[int]
-  sequences: list[int]
-  limit: int
-  shard: int = 0
-
-
 def pages_per_sequence(pool: PoolConfig, prompt_width: int, max_new_tokens: int) -> int:
   """Page-table length: the pages of a sequence of the longest prompt and response."""
   return -(-(prompt_width + max_new_tokens) // pool.page_size)
@@ -295,9 +272,10 @@ class ContinuousSampler:
       prompt = tokens_BxP[i][mask_BxP[i]].tolist()
       if not prompt:
         raise ValueError(f"prompt {i} is empty")
-      groups.append(_Group(prompt, list(range(i * config.n, (i + 1) * config.n)), int(limits[i])))
+      sequences = list(range(i * config.n, (i + 1) * config.n))
+      groups.append(schedule.Group(prompt, sequences, int(limits[i])))
     run = _Run(self, state, key, config, width, groups)
-    run.until_done()
+    run.run()
     return run.output(tokens_BxP, mask_BxP)
 
   def trace(self, state, key, config: SamplingConfig, prompt_width: int) -> dict:
@@ -337,132 +315,40 @@ class ContinuousSampler:
                                 self.rules)
 
 
-class _Run:
-  """The host side of one `ContinuousSampler.sample` call: queue, rows, pages, results.
-
-  Row g is row g % rows of batch shard g // rows (`PoolConfig.rows` per shard); its pages come
-  from that shard's allocator and its page table holds their local indices."""
+class _Run(schedule.Scheduler):
+  """One `ContinuousSampler.sample` call: the scheduler's decisions (`schedule.Scheduler`) run
+  on the devices, and the tokens and log-probs each sequence sampled."""
 
   def __init__(self, sampler: ContinuousSampler, state, key, config: SamplingConfig,
-               prompt_width: int, groups: list[_Group]):
-    self.sampler, self.state, self.key, self.config = sampler, state, key, config
+               prompt_width: int, groups: list[schedule.Group]):
     pool = sampler.pool
-    self.page_size, self.steps = pool.page_size, pool.chunk_steps
-    self.pages_per_sequence = pages_per_sequence(pool, prompt_width, config.max_new_tokens)
-    pages = pool.pool_pages(sampler.model_config, self.pages_per_sequence)
-    self.shard_rows, self.shards = pool.rows, sampler.shards
-    self.allocators = [page_pool.PageAllocator(pages) for _ in range(self.shards)]
+    per_sequence = pages_per_sequence(pool, prompt_width, config.max_new_tokens)
+    pages = pool.pool_pages(sampler.model_config, per_sequence)
+    super().__init__(groups, sampler.shards, pool.rows, pages, pool.page_size, pool.chunk_steps,
+                     per_sequence)
+    self.sampler, self.state, self.key, self.config = sampler, state, key, config
     self.kv_pages = sampler.empty_pool(pages)
     self.packed = sampler._pack(state)
-    self.queue = collections.deque(groups)
-    rows = self.shards * pool.rows
-    self.rows = dict(token_R=np.zeros(rows, np.int32), position_R=np.zeros(rows, np.int32),
-                     count_R=np.zeros(rows, np.int32), limit_R=np.ones(rows, np.int32),
-                     sequence_R=np.zeros(rows, np.int32), live_R=np.zeros(rows, bool),
-                     page_table_RxP=np.zeros((rows, self.pages_per_sequence), np.int32))
-    self.row_pages = [[] for _ in range(rows)]  # Pages each row holds, in position order.
-    self.row_group: list[_Group | None] = [None] * rows
-    self.admitted: list[_Group] = []  # Live groups, oldest first.
     total = sum(len(g.sequences) for g in groups)
     self.tokens = [[] for _ in range(total)]
     self.logprobs = [[] for _ in range(total)]
-    self.widths = _prefill_widths(pool.prefill_chunk)
-    self.decode_widths = _decode_widths(pool.rows)
-
-  def until_done(self):
-    while self.queue or self.admitted:
-      self._admit()
-      if not self.admitted:
-        raise self._pool_too_small(self.queue[0])
-      self._reserve_chunk_pages()
-      self._decode_chunk()
-
-  def _pool_too_small(self, group: _Group) -> MemoryError:
-    return MemoryError(
-        f"the page pool ({self.allocators[0].pages} pages of {self.page_size} slots per shard) "
-        f"cannot hold the {len(group.sequences)} samples of one {len(group.prompt)}-token "
-        "prompt; raise PoolConfig.pages or rollout.kv_cache_gib")
-
-  def _shard_rows(self, shard: int) -> range:
-    return range(shard * self.shard_rows, (shard + 1) * self.shard_rows)
-
-  def _missing_pages(self) -> list[dict[int, int]]:
-    """Per shard, {live row: how many more pages it needs to hold every position its next chunk
-    writes}."""
-    rows, missing = self.rows, [{} for _ in range(self.shards)]
-    for row, group in enumerate(self.row_group):
-      if group is not None:
-        steps = min(self.steps, rows["limit_R"][row] - rows["count_R"][row])
-        needed = -(-(rows["position_R"][row] + steps) // self.page_size)
-        missing[row // self.shard_rows][row] = max(needed - len(self.row_pages[row]), 0)
-    return missing
-
-  def _admit(self):
-    """Admits queued groups, in order, while a shard has their rows and first chunk's pages free
-    (after the pages its live rows' next chunk needs), then prefills them."""
-    reserved = [sum(m.values()) for m in self._missing_pages()]
-    admitted = []  # (shard, group, its rows)
-    while self.queue:
-      group = self.queue[0]
-      prefix = len(group.prompt) - 1
-      shared = prefix // self.page_size
-      own = -(-(prefix + min(self.steps, group.limit)) // self.page_size) - shared
-      needed = shared + own * len(group.sequences)
-      choices = []
-      for shard, allocator in enumerate(self.allocators):
-        free_rows = [r for r in self._shard_rows(shard) if self.row_group[r] is None]
-        free_pages = allocator.free_pages - reserved[shard]
-        if len(free_rows) >= len(group.sequences) and needed <= free_pages:
-          choices.append((-len(free_rows), -free_pages, shard, free_rows))
-      if not choices:
-        break
-      _, _, shard, free_rows = min(choices)
-      self.queue.popleft()
-      allocator = self.allocators[shard]
-      shared_pages = allocator.allocate(shared)
-      allocator.share(shared_pages * (len(group.sequences) - 1))
-      for row, sequence in zip(free_rows, group.sequences):
-        self.row_pages[row] = shared_pages + allocator.allocate(own)
-        self.row_group[row] = group
-        self._set_row(row, token=group.prompt[-1], position=prefix, count=0, limit=group.limit,
-                      sequence=sequence, live=True)
-      self.admitted.append(group)
-      group.shard = shard
-      admitted.append((shard, group, free_rows[:len(group.sequences)]))
-    if admitted:
-      self._prefill(admitted)
-
-  def _set_row(self, row, **values):
-    for name, value in values.items():
-      self.rows[f"{name}_R"][row] = value
-    table = self.rows["page_table_RxP"]
-    table[row] = page_pool.SCRATCH_PAGE
-    table[row, :len(self.row_pages[row])] = self.row_pages[row]
+    self.widths = schedule.prefill_widths(pool.prefill_chunk)
 
   def _prefill(self, admitted):
     """Writes the admitted prompts' first tokens into their pages, one prompt per shard per call
     (chunk by chunk), then gives each sample but the first its own copy of a prompt's partly
     filled last page."""
-    per_shard = [[(g, rows) for s, g, rows in admitted if s == shard]
-                 for shard in range(self.shards)]
-    chunk = self.widths[-1]
-    for wave in range(max(map(len, per_shard))):
-      items = [queue[wave] if wave < len(queue) else None for queue in per_shard]
-      longest = max(len(g.prompt) - 1 for g, _ in filter(None, items))
-      for start in range(0, longest, chunk):
-        parts = [[] if item is None else item[0].prompt[:-1][start:start + chunk]
-                 for item in items]
-        width = self.widths[bisect.bisect_left(self.widths, max(map(len, parts)))]
-        tokens = np.full((self.shards, width), self.config.pad_id, np.int32)
-        tables = np.full((self.shards, self.pages_per_sequence), page_pool.SCRATCH_PAGE, np.int32)
-        for shard, (part, item) in enumerate(zip(parts, items)):
-          tokens[shard, :len(part)] = part
-          if item is not None:
-            tables[shard] = self.rows["page_table_RxP"][item[1][0]]
-        counts = np.asarray([len(part) for part in parts], np.int32)
-        self.kv_pages = self.sampler._prefill(
-            self.state, self.kv_pages, *self.sampler.place(
-                (tokens, np.full(self.shards, start, np.int32), counts, tables)))
+    for items, start, parts, width in schedule.prefill_calls(admitted, self.shards, self.widths):
+      tokens = np.full((self.shards, width), self.config.pad_id, np.int32)
+      tables = np.full((self.shards, self.pages_per_sequence), page_pool.SCRATCH_PAGE, np.int32)
+      for shard, (part, item) in enumerate(zip(parts, items)):
+        tokens[shard, :len(part)] = part
+        if item is not None:
+          tables[shard] = self.rows["page_table_RxP"][item[1][0]]
+      counts = np.asarray([len(part) for part in parts], np.int32)
+      self.kv_pages = self.sampler._prefill(
+          self.state, self.kv_pages, *self.sampler.place(
+              (tokens, np.full(self.shards, start, np.int32), counts, tables)))
     sources = [[] for _ in range(self.shards)]  # Per shard: the pages copied, and where to.
     destinations = [[] for _ in range(self.shards)]
     for shard, group, rows in admitted:
@@ -478,77 +364,28 @@ class _Run:
           (np.asarray([pad(p) for p in sources], np.int32),
            np.asarray([pad(p) for p in destinations], np.int32))))
 
-  def _reserve_chunk_pages(self):
-    """Gives every live row the pages its next chunk writes, putting a shard's newest groups back
-    in the queue while its pool part is short."""
-    while True:
-      missing = self._missing_pages()
-      short = [shard for shard in range(self.shards)
-               if sum(missing[shard].values()) > self.allocators[shard].free_pages]
-      if not short:
-        break
-      in_shard = [g for g in self.admitted if g.shard == short[0]]
-      if len(in_shard) == 1:
-        group = in_shard[0]
-        raise self._pool_too_small(group)
-      self._preempt(in_shard[-1])
-    for shard_missing in missing:
-      for row, count in shard_missing.items():
-        if count > 0:
-          self.row_pages[row] += self.allocators[row // self.shard_rows].allocate(count)
-          self._set_row(row)
+  def _preempt(self, group: schedule.Group):
+    """Drops what the group's unfinished samples sampled, then puts it back in the queue."""
+    for sequence in group.sequences:
+      self.tokens[sequence], self.logprobs[sequence] = [], []
+    super()._preempt(group)
 
-  def _preempt(self, group: _Group):
-    """Frees a group's rows and pages and queues its unfinished samples first."""
-    self.admitted.remove(group)
-    for row in range(len(self.row_group)):
-      if self.row_group[row] is group:
-        sequence = self.rows["sequence_R"][row]
-        self.tokens[sequence], self.logprobs[sequence] = [], []
-        self._free_row(row)
-    self.queue.appendleft(group)
-
-  def _free_row(self, row: int):
-    self.release_pages(row // self.shard_rows, self.row_pages[row])
-    self.row_pages[row], self.row_group[row] = [], None
-    self._set_row(row, live=False)
-
-  def release_pages(self, shard: int, pages) -> list[int]:
-    """Releases a row's hold on its pages of `shard`; returns the pages that became free."""
-    return self.allocators[shard].release(pages)
-
-  def _decode_chunk(self):
-    """One decode chunk of the occupied rows: each shard's run as the first rows of the
-    narrowest decode width that holds the fullest shard's (free rows, which are not live, fill
-    the rest)."""
-    occupied = [[r for r in self._shard_rows(shard) if self.row_group[r] is not None]
-                for shard in range(self.shards)]
-    width = min(w for w in self.decode_widths if w >= max(map(len, occupied)))
-    index = []
-    for shard, rows in enumerate(occupied):
-      free = [r for r in self._shard_rows(shard) if self.row_group[r] is None]
-      index += rows + free[:width - len(rows)]
-    index = np.asarray(index)
-    rows = RowState(**self.sampler.place({name: value[index] for name, value in self.rows.items()}))
+  def _decode_chunk(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """One decode chunk of `rows[index]` (each shard's block of rows runs in that shard);
+    appends what each occupied row sampled to its sequence."""
+    chunk_rows = {name: values[index] for name, values in self.rows.items()}
+    rows = RowState(**self.sampler.place(chunk_rows))
     self.kv_pages, rows, tokens_RxK, logprobs_RxK = self.sampler._decode(
         self.state, self.packed, self.kv_pages, rows, self.key, self.config, self.steps)
     tokens_RxK, logprobs_RxK = sharding.to_host((tokens_RxK, logprobs_RxK))
-    before = self.rows["count_R"].copy()
-    fields = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
-    for name, value in sharding.to_host(fields).items():
-      self.rows[name][index] = value
+    fields = sharding.to_host({f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)})
     for column, row in enumerate(index):
-      group = self.row_group[row]
-      if group is None:
-        continue
-      sequence, emitted = self.rows["sequence_R"][row], self.rows["count_R"][row] - before[row]
-      self.tokens[sequence] += tokens_RxK[column, :emitted].tolist()
-      self.logprobs[sequence] += logprobs_RxK[column, :emitted].tolist()
-      if not self.rows["live_R"][row]:
-        group.sequences.remove(sequence)
-        self._free_row(row)
-        if not group.sequences:
-          self.admitted.remove(group)
+      if self.row_group[row] is not None:
+        sequence = self.rows["sequence_R"][row]
+        emitted = fields["count_R"][column] - self.rows["count_R"][row]
+        self.tokens[sequence] += tokens_RxK[column, :emitted].tolist()
+        self.logprobs[sequence] += logprobs_RxK[column, :emitted].tolist()
+    return fields
 
   def output(self, tokens_BxP, mask_BxP) -> SampleOutput:
     config, total = self.config, len(self.tokens)

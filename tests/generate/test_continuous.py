@@ -104,7 +104,7 @@ def test_kernel_choice(tiny):
     ContinuousSampler(model, mesh=mesh, kernels="cpu")
 
 
-
+def test_top_k_top_p_stay_in_allowed_set(tiny):
   _, model = tiny["llama"]
   config = SamplingConfig(max_new_tokens=6, pad_id=PAD, temperature=1.5, top_k=8, top_p=0.5,
                           n=16, prompt_buckets=BUCKETS)
