@@ -12,7 +12,8 @@ absl's `--verbosity=1`) shows its traceback too.
 `--dry_run --target=v5p-16 [--mesh=fsdp=8,tensor=1] [--json]` trains nothing and reads no weights
 or data: it compiles the run's programs for a slice or host by product name (v5p-16, v5p-32,
 v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64: libtpu's compiler on the real topology;
-h100x8, h200x8: simulated CPU devices) and prints memory, fit and projected step time per chip
+h100x1, h100x8, h200x1, h200x8: XLA:GPU through the CUDA plugin of the gpu-aot extra, or
+simulated CPU devices without it) and prints memory, fit and projected step time per chip
 (prerl_jax/aot/dry_run.py).
 """
 
@@ -25,19 +26,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _prepare_dry_run(argv):
-  """A --dry_run compiles on this host's CPU (TPU targets through libtpu's topology, without a
-  TPU); a simulated target needs one CPU device per chip, which must be set before jax loads."""
+  """A --dry_run compiles on this host's CPU, without the chips: JAX_PLATFORMS=cpu, with which
+  libtpu makes its topologies and the CUDA plugin loads without a GPU; a GPU target simulated
+  (without the plugin) needs one CPU device per chip. Both must be set before jax loads."""
   if "--dry_run" not in argv:
     return
   os.environ["JAX_PLATFORMS"] = "cpu"
   target = next((a.split("=", 1)[1] for a in argv if a.startswith("--target=")), "")
-  chips = re.fullmatch(r"h\d+x(\d+)", target)  # h100x8, h200x8
+  chips = re.fullmatch(r"h\d+x(\d+)", target)  # h100x8, h200x1, ...
   if chips:
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                f"--xla_force_host_platform_device_count={chips.group(1)}").strip()
 
 
+def _skip_cuda_check_without_gpu():
+  """With the CUDA plugin installed (the gpu-aot extra) on a machine with no NVIDIA GPU, the
+  plugin's CUDA version check can only fail, and it prints a traceback as jax starts: skip it.
+  jax then picks the CPU as without the plugin (and --jax_platforms=cuda fails in one line)."""
+  if not any(os.path.exists(device) for device in ("/dev/nvidia0", "/dev/nvidiactl")):
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
 _prepare_dry_run(sys.argv)
+_skip_cuda_check_without_gpu()
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -56,8 +67,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print the final summary as JSON.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile for --mesh and predict memory and step "
                              "time instead of training.")
 _TARGET = flags.DEFINE_string("target", "v5p-16", "Dry-run target by product name: v5p-16, "
-                              "v5p-32, v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64, h100x8, "
-                              "h200x8.")
+                              "v5p-32, v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64, h100x1, "
+                              "h100x8, h200x1, h200x8.")
 _MESH = flags.DEFINE_string("mesh", None, "Dry-run mesh over the target's chips, e.g. "
                             "fsdp=4,tensor=2 (default: all chips on fsdp).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a user error (bad config, "

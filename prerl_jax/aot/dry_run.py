@@ -230,12 +230,13 @@ def _batch(rows: int, prompt_len: int, response_len: int, mesh) -> RolloutBatch:
 def model_config_for(config: ml_collections.ConfigDict,
                      target: targets_lib.Target | None = None) -> ModelConfig:
   """The run's ModelConfig from its preset's shape (model.name), with its dtypes, remat and
-  attention backend; `auto` becomes what the target's chips would pick (splash on a TPU
-  topology; chunked on simulated GPU devices, which cannot compile cuDNN's kernel)."""
+  attention backend as planned for the target (the report's model.attention): `auto` is splash
+  on a TPU; on a GPU `auto` and `cudnn` are planned as chunked, as cuDNN builds its kernel on
+  a real device (neither XLA:GPU's deviceless compile nor simulated CPU devices can)."""
   model = config.model
   backend = model.attention
-  if backend == "auto" and target is not None:
-    backend = "splash" if target.compiler == "tpu" else "chunked"
+  if target is not None and backend in ("auto", "cudnn"):
+    backend = "splash" if target.compiler == "tpu" and backend == "auto" else "chunked"
   return presets.preset_model_config(model.name, param_dtype=model.param_dtype,
                                      dtype=model.dtype, remat=model.remat, attention=backend)
 

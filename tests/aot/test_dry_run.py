@@ -92,7 +92,9 @@ def test_a_simulated_target_says_so_in_every_line(tpu_report):
 def test_targets_count_chips_not_cores():
   assert {name: t.chips for name, t in targets.TARGETS.items() if name.startswith("v5p")} == {
       "v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v5p-64": 32, "v5p-128": 64}
-  assert targets.TARGETS["v6e-16"].chips == 16 and targets.TARGETS["h100x8"].chips == 8
+  assert targets.TARGETS["v6e-16"].chips == 16
+  assert {name: t.topology for name, t in targets.TARGETS.items() if name.startswith("h")} == {
+      "h100x1": "1x1x1", "h100x8": "1x1x8", "h200x1": "1x1x1", "h200x8": "1x1x8"}
   with pytest.raises(ValueError, match="--target='v5p-12' is unknown"):
     targets.get_target("v5p-12")
 
@@ -140,17 +142,21 @@ def test_paper_scale_advice_names_the_knobs():
   assert "attention scores take 81.0 GiB" in note  # 8 rows x 32 heads x 9215^2 x 4 bytes.
 
 
-def test_real_train_step_matches_the_simulated_prediction():
-  """Runs the tiny step for real on the simulated mesh the h100x8 target compiles for.
+def test_real_train_step_matches_the_simulated_prediction(monkeypatch):
+  """Runs the tiny step for real on the simulated mesh the h100x8 target compiles for when
+  XLA:GPU is not installed (the fallback, forced here).
 
   Device temporaries are not observable on CPU, so the comparison is (a) the executable compiled
   from the real, concretely sharded state and batch has the memory analysis the dry run predicted
-  (the prediction is of the program that actually runs), and (b) after running, the arrays
+  (the prediction is of the program that actually runs: the abstract state and batch are the
+  ones the trainer builds, whichever compiler reads them), and (b) after running, the arrays
   resident on each device are exactly the predicted state bytes and never exceed the peak.
   """
+  monkeypatch.setattr(targets, "xla_gpu_installed", lambda: False)
   config, mesh_sizes = tiny_config(), {"fsdp": 4, "tensor": 2}
   report = dry_run.dry_run(config, "h100x8", mesh_sizes, model_config=TINY)
   assert report["compiler"] == "simulated"
+  assert {d.platform for d in targets.target_devices(targets.get_target("h100x8"))} == {"cpu"}
   mesh = sharding.make_mesh(**mesh_sizes)
   optimizer = train_step.make_optimizer(config.optim.learning_rate)
   graphdef, state = train_step.init_train_state(random_model(TINY, mesh=mesh), optimizer,
