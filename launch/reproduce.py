@@ -72,10 +72,28 @@ def run_part(name: str, command: list[str], result_path: str) -> bool:
   return True
 
 
-def training_command(method: str, seed: int, run_dir: str, args, evaluate_start: bool):
+def config_arg(method: str, seed: int, run_dir: str, args) -> str:
+  """The arg string of configs/<method>.py for one run."""
   arg = f"cpu,steps={args.steps},lr={args.lr},seed={seed},run_dir={run_dir}"
-  if method == "dsrl":
-    arg += f",switch={args.switch}"
+  return arg + f",switch={args.switch}" if method == "dsrl" else arg
+
+
+def check_configs(methods: list[str], args) -> None:
+  """Builds each method's run config and phase schedule, so that a bad setting (a DSRL switch
+  step out of range) fails now rather than after the runs before it."""
+  import configs  # pylint: disable=import-outside-toplevel
+  from prerl_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  from prerl_jax.rl.schedule import schedule_from_config  # pylint: disable=import-outside-toplevel
+  for method in methods:
+    try:
+      config = configs.get_config(method, config_arg(method, 0, "runs", args))
+      schedule_from_config(config.objective)
+    except (UserError, ValueError) as error:
+      sys.exit(f"reproduce.py: {method}: {error}")
+
+
+def training_command(method: str, seed: int, run_dir: str, args, evaluate_start: bool):
+  arg = config_arg(method, seed, run_dir, args)
   return [sys.executable, "launch/tpu_run.py", f"--config=configs/{method}.py:{arg}",
           f"--config.eval.samples_per_problem={args.eval_samples}",
           f"--config.eval.prompts_per_call={args.eval_prompts_per_call}",
@@ -143,6 +161,7 @@ def main():
   args, seeds, methods = parse_args()
   out, results = os.path.abspath(args.out), os.path.abspath(args.results)
   settings = {key: getattr(args, key) for key in SHARED}
+  check_configs(methods, args)
   check_settings(out, settings)
   if os.path.isdir(results) and any(name.startswith("seed_") for name in os.listdir(results)):
     check_settings(results, settings)
