@@ -8,13 +8,17 @@ command-line override: `--config.<section>.<key>=value`.
 """
 
 import dataclasses
+import os
 import typing
 
 import ml_collections
 from ml_collections import config_dict
 
+from prerl_jax.data import datasets, padding
 from prerl_jax.errors import UserError
+from prerl_jax.models import attention, presets, remat
 from prerl_jax.rl.objective import Objective
+from prerl_jax.training import checkpointing, evaluator, config_rules as rules
 
 # SmolLM2-135M answers about 30% of one-digit sums with this prompt at temperature 0.7 (12% at
 # 1.0, or with its default system prompt): inside the 20-60% band where RL has signal.
@@ -78,56 +82,201 @@ def preset(arg: ml_collections.ConfigDict) -> str:
   return "paper" if arg.paper else "cpu"
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXIS = rules.integer(1, special=-1, note="the devices the other axes leave")
+
+
+# Relations of a setting to others, the devices or the disk: None, or what the key takes.
+def _model_found(name, run):
+  run.require_disk()
+  try:
+    presets.resolve(name, run["model.path"] or None)
+  except UserError as error:
+    return str(error)
+  return None
+
+
+def _gym_task(task, run):
+  if run["data.source"] != "reasoning_gym":
+    return None
+  from reasoning_gym import factory  # pylint: disable=import-outside-toplevel
+  if task not in factory.DATASETS:
+    return f"must be a reasoning-gym task: {', '.join(sorted(factory.DATASETS))}"
+  return None
+
+
+def _gym_task_config(task_config, run):
+  if run["data.source"] != "reasoning_gym":
+    return None
+  try:
+    datasets.gym_dataset(run["data.task"], 1, 0, **dict(task_config))
+  except ValueError as error:
+    return str(error)
+  return None
+
+
+def _fills_a_step(train_size, run):
+  prompts = run["rollout.prompts_per_step"]
+  if run["data.source"] == "reasoning_gym" and train_size < prompts:
+    return f"must be >= rollout.prompts_per_step = {prompts}, the problems of one step"
+  return None
+
+
+def _data_files(required: bool):
+  def relation(names, run):
+    if run["data.source"] != "files":
+      return None
+    if required and not names:
+      return "must name at least one file while data.source='files'"
+    run.require_disk()
+    directory = run["data.dir"]
+    found = [rules.data_file_problem(os.path.join(directory, name)) for name in names]
+    found = [problem for problem in found if problem]
+    if any(problem.endswith("does not exist") for problem in found) and not directory:
+      found.append("data.dir='' (the paper preset takes its directory as `paper,data_dir=/path`)")
+    return "; ".join(found) or None
+  return relation
+
+
+def _per_batch_device(value, run):
+  devices = run.batch_devices
+  if value % devices:
+    return f"must be divisible by {devices}, the ways the mesh splits a batch"
+  return None
+
+
+def _splits_a_step(micro_batches, run):
+  rows = run["rollout.prompts_per_step"] * run["rollout.group_size"]
+  try:
+    devices = run.batch_devices
+  except rules.Unchecked:
+    devices = 1
+  if rows % (micro_batches * devices):
+    return (f"must split a step's rollout.prompts_per_step * rollout.group_size = {rows} rows "
+            f"evenly on each of {devices} batch device(s)")
+  return None
+
+
+def _writable_run_dir(run_dir, run):
+  try:
+    path = run_dir.format(name=run["name"])
+  except (KeyError, IndexError, ValueError):
+    return "may hold no {field} other than {name} (the config's name)"
+  run.require_disk()
+  return rules.writable_dir_problem(path)
+
+
+# Every setting but `objective` (the Objective dataclass checks those): the cpu preset's value,
+# what the key takes alone, and its relations. tpu_run.py checks them all before anything loads.
+S = rules.Setting
+SETTINGS = dict(
+    name=S("", rules.nonempty_text),  # experiment() sets <objective>_<preset>.
+    model=dict(
+        name=S("smollm2-135m", rules.nonempty_text, (_model_found,)),  # Preset, HF dir, .gguf.
+        path=S("", rules.text),  # A preset's local checkpoint (nothing is fetched).
+        param_dtype=S("float32", rules.one_of(*FLOAT_DTYPES)),
+        dtype=S("float32", rules.one_of(*FLOAT_DTYPES)),  # Compute dtype.
+        remat=S("none", rules.one_of(*remat.POLICIES)),
+        attention=S("auto", rules.one_of(*attention.BACKENDS)),
+        # The token a pre-train-space sequence starts with (-1: the chat turn start).
+        marginal_bos_id=S(-1, rules.integer(0, special=-1, note="the chat turn start")),
+        allow_unused_weights=S(False, rules.boolean),
+    ),
+    mesh=dict(data=S(1, MESH_AXIS), fsdp=S(-1, MESH_AXIS), tensor=S(1, MESH_AXIS)),
+    data=dict(
+        source=S("reasoning_gym", rules.one_of("reasoning_gym", "files")),
+        task=S("chain_sum", rules.nonempty_text, (_gym_task,)),
+        task_config=S(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1), rules.section,
+                      (_gym_task_config,)),
+        train_size=S(96, rules.integer(1), (_fills_a_step,)),
+        eval_size=S(96, rules.integer(1)),
+        seed=S(1, rules.integer(0)),
+        answer_format=S("last_number", rules.one_of(*datasets.GYM_INSTRUCTIONS)),
+        dir=S("", rules.text),  # Where train_files and eval_files are (source=files); "": as given.
+        train_files=S((), rules.file_names, (_data_files(required=True),)),
+        eval_files=S((), rules.file_names, (_data_files(required=False),)),
+        dedupe_eval=S(True, rules.boolean),
+        system_prompt=S(CPU_SYSTEM_PROMPT, rules.text),
+        enable_thinking=S(False, rules.boolean),
+        max_prompt_length=S(128, rules.integer(1, max(padding.PROMPT_BUCKETS),
+                                               note="the sampler's largest prompt width")),
+        on_bad_row=S("error", rules.one_of("error", "skip")),
+    ),
+    rollout=dict(
+        prompts_per_step=S(8, rules.integer(1), (_per_batch_device,)),
+        group_size=S(8, rules.integer(1)),
+        max_new_tokens=S(32, rules.integer(1)),
+        temperature=S(0.7, rules.number(above=0, note="rollouts are sampled, and the update "
+                                        "scores them at this temperature; eval.temperature=0 "
+                                        "evaluates greedily")),
+        top_k=S(0, rules.integer(0, note="0: no top-k truncation")),
+        top_p=S(1.0, rules.number(above=0, high=1, note="1: no nucleus truncation")),
+        # "static": one program per prompt batch; "continuous": continuous batching over a page
+        # pool (docs/continuous_batching.md) of kv_cache_gib GiB per shard (0: room for every
+        # live row at full length), live_rows decode rows per data/fsdp shard.
+        engine=S("static", rules.one_of(*evaluator.ROLLOUT_ENGINES)),
+        live_rows=S(64, rules.integer(1)),
+        kv_cache_gib=S(0.0, rules.number(0, note="0: room for every live row")),
+        page_size=S(16, rules.integer(1)),
+        chunk_steps=S(16, rules.integer(1)),
+    ),
+    optim=dict(
+        learning_rate=S(1e-5, rules.number(above=0)),
+        weight_decay=S(0.01, rules.number(0)),
+        grad_clip=S(1.0, rules.number(above=0, note="the largest global gradient norm")),
+        b1=S(0.9, rules.number(0, below=1)),
+        b2=S(0.999, rules.number(0, below=1)),
+        micro_batches=S(2, rules.integer(1), (_splits_a_step,)),
+        # The update scores packed rows (prerl_jax.rl.packing) rather than rows padded to the
+        # longest response.
+        pack=S(True, rules.boolean),
+        # Tokens per packed row (0: the longest segment, rounded up).
+        row_tokens=S(0, rules.integer(0, note="0: the longest segment")),
+        # Packed conditional rows score each prompt once for all of its responses (where
+        # model.attention takes branch ids: xla, chunked; auto on CPU).
+        share_prompts=S(True, rules.boolean),
+    ),
+    reward=dict(timeout_s=S(5.0, rules.number(above=0)), workers=S(2, rules.integer(1))),
+    eval=dict(
+        every=S(0, rules.integer(0, note="0: at start and end only")),
+        samples_per_problem=S(4, rules.integer(1)),
+        temperature=S(0.7, rules.number(0, note="0: greedy")),
+        max_new_tokens=S(32, rules.integer(1)),
+        prompts_per_call=S(16, rules.integer(1), (_per_batch_device,)),
+        at_start=S(True, rules.boolean),
+        at_end=S(True, rules.boolean),
+    ),
+    train=dict(
+        steps=S(12, rules.integer(1)),
+        seed=S(0, rules.integer(0)),
+        checkpoint_every=S(4, rules.integer(1)),
+        keep_checkpoints=S(2, rules.integer(1)),
+        run_dir=S("runs/{name}", rules.nonempty_text, (_writable_run_dir,)),
+        # A checkpoint that cannot be read on resume: set it aside (renamed <step>.corrupt) and
+        # resume from the one before ("previous"), stop naming it ("fail"), or as "previous" but
+        # start over when no readable one is left ("restart").
+        on_bad_checkpoint=S("previous", rules.one_of(*checkpointing.ON_BAD_CHECKPOINT)),
+        export_hf=S(False, rules.boolean),
+        log_samples=S(2, rules.integer(0)),
+        # Steps 1, 1 + N, 1 + 2N, ... also score the space the objective does not train in (its
+        # entropy; the sampler comparison in marginal phases): one more forward pass on those
+        # steps. 0: never.
+        log_both_spaces=S(5, rules.integer(0, note="0: never")),
+        compilation_cache=S(True, rules.boolean),  # XLA programs kept under $PRERL_JAX_CACHE/xla
+    ),
+)
+
+
+def check_config(config: ml_collections.ConfigDict, devices=None, disk: bool = True,
+                 preset_names=None) -> None:
+  """Raises one UserError naming every bad key of a resolved run config, its value and what the
+  key takes (config_rules.problems: devices, disk and preset_names say what else is checked)."""
+  rules.check(config, SETTINGS, devices, disk, preset_names)
+
+
 def _cpu() -> ml_collections.ConfigDict:
   """SmolLM2-135M on a generated arithmetic task, sized for a 2-core CPU in under 20 minutes."""
-  c = ml_collections.ConfigDict()
-  # marginal_bos_id: the token a pre-train-space sequence starts with (-1: the chat turn start).
-  c.model = dict(name="smollm2-135m", path="", param_dtype="float32", dtype="float32",
-                 remat="none", attention="auto",  # prerl_jax.models.remat / .attention
-                 marginal_bos_id=-1)
-  c.mesh = dict(data=1, fsdp=-1, tensor=1)
-  c.data = dict(
-      source="reasoning_gym",  # reasoning_gym | files
-      task="chain_sum",
-      task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
-      train_size=96,
-      eval_size=96,
-      seed=1,
-      answer_format="last_number",
-      dir="",  # Where train_files and eval_files are (source=files); "": as given.
-      train_files=(),
-      eval_files=(),
-      dedupe_eval=True,
-      system_prompt=CPU_SYSTEM_PROMPT,
-      enable_thinking=False,
-      max_prompt_length=128,
-      on_bad_row="error",
-  )
-  c.rollout = dict(prompts_per_step=8, group_size=8, max_new_tokens=32, temperature=0.7,
-                   top_k=0, top_p=1.0,
-                   # "static": one program per prompt batch; "continuous": continuous batching
-                   # over a page pool (docs/continuous_batching.md) of kv_cache_gib GiB per shard
-                   # (0: room for every live row at full length), live_rows decode rows per
-                   # data/fsdp shard.
-                   engine="static", live_rows=64, kv_cache_gib=0.0, page_size=16,
-                   chunk_steps=16)
-  # pack: the update scores packed rows (prerl_jax.rl.packing) rather than rows padded to the
-  # longest response; row_tokens: tokens per packed row (0: the longest segment, rounded up);
-  # share_prompts: packed conditional rows score each prompt once for all of its responses
-  # (where model.attention takes branch ids: xla, chunked; auto on CPU).
-  c.optim = dict(learning_rate=1e-5, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999,
-                 micro_batches=2, pack=True, row_tokens=0, share_prompts=True)
-  c.reward = dict(timeout_s=5.0, workers=2)
-  c.eval = dict(every=0, samples_per_problem=4, temperature=0.7, max_new_tokens=32,
-                prompts_per_call=16, at_start=True, at_end=True)
-  c.train = dict(steps=12, seed=0, checkpoint_every=4, keep_checkpoints=2, run_dir="runs/{name}",
-                 export_hf=False, log_samples=2,
-                 # Steps 1, 1 + N, 1 + 2N, ... also score the space the objective does not
-                 # train in (its entropy; the sampler comparison in marginal phases): one more
-                 # forward pass on those steps. 0: never.
-                 log_both_spaces=5,
-                 compilation_cache=True)  # XLA programs kept under $PRERL_JAX_CACHE/xla
-  return c
+  return ml_collections.ConfigDict(rules.defaults(SETTINGS))
 
 
 def _paper(c: ml_collections.ConfigDict, data_dir: str) -> None:

@@ -110,8 +110,24 @@ def _summary_lines(summary: dict) -> list[str]:
   return lines
 
 
+def _check_config_file(argv):
+  """Exits in one line when --config names no file (ml_collections defers that error to a
+  traceback where the config is first read)."""
+  for arg, following in zip(argv, [*argv[1:], ""]):
+    if arg != "--config" and not arg.startswith("--config="):
+      continue
+    spec = following if arg == "--config" else arg.partition("=")[2]
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+      import configs  # pylint: disable=import-outside-toplevel
+      sys.exit(f"tpu_run.py: --config={spec}: {path or 'the path'} is not a file; the run "
+               f"configs are configs/<name>.py: {', '.join(configs.NAMES)}")
+
+
 def _parse_flags(argv):
-  """absl flag parsing that turns a mistyped config key into a one-line error naming it."""
+  """absl flag parsing that turns a mistyped config key or a missing config file into a
+  one-line error naming it."""
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:
@@ -142,6 +158,16 @@ def _config_user_error(error: BaseException) -> str | None:
   return last_line.split(f"{errors.UserError.__module__}.UserError: ", 1)[-1]
 
 
+def _check_config(devices, disk: bool):
+  """The run config's one check before anything loads (configs/common.py check_config); an
+  objective name given on the command line is checked against the one the config file set."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  file_names = {section: flags.FLAGS[f"config.{section}.name"].default
+                for section in ("objective", "objective.warmup")
+                if f"config.{section}.name" in flags.FLAGS}
+  common.check_config(_CONFIG.value, devices=devices, disk=disk, preset_names=file_names)
+
+
 def main(argv):
   verbose = _VERBOSE.value or logging.get_verbosity() >= logging.DEBUG
   with errors.exit_on_user_error("tpu_run.py", verbose):
@@ -154,6 +180,7 @@ def _run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DRY_RUN.value:
+    _check_config(devices=None, disk=False)  # Its devices are the target's; it reads no files.
     from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
     try:
       print(dry_run.report_text(_CONFIG.value, _TARGET.value, _MESH.value, _JSON.value))
@@ -162,6 +189,7 @@ def _run(argv):
     return
   _initialize_distributed()
   _check_backend()
+  _check_config(devices=jax.devices(), disk=True)
   from prerl_jax.evals import evaluation  # pylint: disable=import-outside-toplevel
   from prerl_jax.training import trainer  # pylint: disable=import-outside-toplevel
   logging.info("devices: %s", jax.devices())

@@ -1,15 +1,20 @@
-"""configs/: the arg string, the presets' data directory, and every objective key reaching the
-objective the schedule trains."""
+"""configs/: the arg string, the presets' data directory, every objective key reaching the
+objective the schedule trains, and the check of every setting before a run loads anything."""
 
 import dataclasses
 
+import jax
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import configs
 import run_fixtures
+from configs import common
 from prerl_jax.data.task_data import data_files
 from prerl_jax.rl.objective import Objective
 from prerl_jax.rl.schedule import DSRL_KEYS, schedule_from_config
+from prerl_jax.training import config_rules as rules
 
 FIELDS = {field.name for field in dataclasses.fields(Objective)}
 
@@ -105,3 +110,147 @@ def test_paper_files_are_read_from_data_dir_and_a_missing_one_is_named(tmp_path)
   with pytest.raises(ValueError, match=r"data\.dir='': math_train\.parquet .*data_dir=/path"):
     data_files(configs.get_config("grpo", "paper").data)
   assert data_files(configs.get_config("grpo").data) == ([], [])
+
+
+def _problems(config, devices=1, **kwargs):
+  """The one-line problems tpu_run.py's check finds in `config` (on `devices` CPU devices)."""
+  return rules.problems(config, common.SETTINGS, jax.devices()[:devices], **kwargs)
+
+
+def _numeric_keys(node, prefix=""):
+  """Dotted key -> value of every int or float setting of a config (objective ones included)."""
+  keys = {}
+  for key, value in node.items():
+    if rules.is_section(value):
+      keys.update(_numeric_keys(value, f"{prefix}{key}."))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      keys[f"{prefix}{key}"] = value
+  return keys
+
+
+# Numeric settings for which any finite value is in range: entropy_coef < 0 rewards low entropy.
+UNBOUNDED_BELOW = {"objective.entropy_coef", "objective.warmup.entropy_coef"}
+
+
+def _set(config, dotted, value):
+  *sections, leaf = dotted.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def test_every_numeric_setting_out_of_range_is_one_line_naming_it(tmp_path):
+  config = configs.get_config("dsrl", f"run_dir={tmp_path}")
+  assert _problems(config) == []
+  keys = _numeric_keys(config)
+  assert len(keys) >= 50 and {"optim.learning_rate", "objective.warmup.clip_low",
+                              "objective.switch_step", "mesh.fsdp"} <= set(keys)
+  for key, value in keys.items():
+    bad_values = [float("nan"), float("inf")] if isinstance(value, float) else [-2]
+    if key not in UNBOUNDED_BELOW:
+      bad_values.append(-1.0 if isinstance(value, float) else -2)
+    for bad in bad_values:
+      changed = configs.get_config("dsrl", f"run_dir={tmp_path}")
+      _set(changed, key, bad)
+      found = _problems(changed)
+      assert len(found) == 1, (key, bad, found)
+      if key.startswith("data.task_config."):  # Checked by reasoning-gym as a whole.
+        assert found[0].startswith("data.task_config={") and key.split(".")[-1] in found[0]
+      else:
+        assert found[0].startswith(f"{key}={bad!r}") and "must be" in found[0], found
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"optim.learning_rate": -1e-5}, "optim.learning_rate=-1e-05: must be a finite number > 0"),
+    ({"train.steps": -1}, "train.steps=-1: must be an int >= 1"),
+    ({"rollout.prompts_per_step": 0}, "rollout.prompts_per_step=0: must be an int >= 1"),
+    ({"optim.micro_batches": 0}, "optim.micro_batches=0: must be an int >= 1"),
+    ({"rollout.max_new_tokens": 0}, "rollout.max_new_tokens=0: must be an int >= 1"),
+    ({"rollout.top_p": 1.5}, "rollout.top_p=1.5: must be a finite number > 0 and <= 1"),
+    ({"rollout.temperature": 0.0},
+     "rollout.temperature=0.0: must be a finite number > 0 (rollouts are sampled, and the update "
+     "scores them at this temperature; eval.temperature=0 evaluates greedily)"),
+    ({"rollout.group_size": 0}, "rollout.group_size=0: must be an int >= 1"),
+    ({"model.dtype": "float33"}, "model.dtype='float33': must be one of float32, bfloat16, "
+                                 "float16"),
+    ({"data.task": "chain_summ"}, "data.task='chain_summ': must be a reasoning-gym task: ab, "),
+    ({"data.task_config": {"max_terms": 2, "min_terms": 3}},
+     "data.task_config={'max_terms': 2, 'min_terms': 3}: reasoning-gym task 'chain_sum' rejects "
+     "config {'max_terms': 2, 'min_terms': 3}: max_terms must be >= min_terms"),
+    ({"data.source": "files"}, "data.train_files=(): must name at least one file while "
+                               "data.source='files'"),
+    ({"data.train_size": 7}, "data.train_size=7: must be >= rollout.prompts_per_step = 8"),
+    ({"optim.micro_batches": 3}, "optim.micro_batches=3: must split a step's "
+                                 "rollout.prompts_per_step * rollout.group_size = 64 rows"),
+    ({"train.run_dir": "/proc/runs/{name}"}, "train.run_dir='/proc/runs/{name}': /proc is not "
+                                             "writable by this process"),
+    ({"train.run_dir": "runs/{nam}"}, "train.run_dir='runs/{nam}': may hold no {field} other "
+                                      "than {name}"),
+    ({"model.name": "qwen3-4b"}, "model.name='qwen3-4b': Preset 'qwen3-4b' needs a local "
+                                 "checkpoint"),
+    ({"train.on_bad_checkpoint": "skip"}, "train.on_bad_checkpoint='skip': must be one of "
+                                          "previous, fail, restart"),
+    ({"objective.name": "grpoo"}, "objective.name='grpoo': must be a preset name: grpo, "),
+    ({"objective.warmup.clip_low": 1.5}, "objective.warmup.clip_low=1.5 must be in [0, 1)"),
+    ({"mesh.fsdp": 3}, "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} needs 3 devices; 1 are "
+                       "available"),
+])
+def test_each_bad_value_is_named_with_what_the_key_takes(tmp_path, overrides, expected):
+  config = configs.get_config("dsrl", f"run_dir={tmp_path}")
+  for key, value in overrides.items():
+    _set(config, key, value)
+  found = _problems(config)
+  assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_relations_to_the_devices_and_every_bad_key_in_one_error(tmp_path):
+  config = configs.get_config("grpo", f"run_dir={tmp_path},prompts=3,group=2")
+  config.eval.prompts_per_call = 6
+  assert _problems(config, devices=1) == []
+  assert _problems(config, devices=2) == [  # fsdp=-1: batches split over both devices.
+      "optim.micro_batches=2: must split a step's rollout.prompts_per_step * "
+      "rollout.group_size = 6 rows evenly on each of 2 batch device(s)",
+      "rollout.prompts_per_step=3: must be divisible by 2, the ways the mesh splits a batch"]
+  config.eval.temperature = 0.0  # Greedy evaluation.
+  config.rollout.top_k = -1
+  config.optim.learning_rate = -1e-5
+  config.mesh.tensor = 0
+  with pytest.raises(ValueError) as raised:
+    common.check_config(config, jax.devices()[:2])
+  message = str(raised.value)
+  assert message.startswith("bad config (3 keys): ") and "\n" not in message
+  for key in ("mesh.tensor=0", "optim.learning_rate=-1e-05", "rollout.top_k=-1"):
+    assert key in message, message
+
+
+def test_data_files_are_checked_before_they_load(tmp_path):
+  good = tmp_path / "good.jsonl"
+  good.write_text('{"prompt": [{"role": "user", "content": "1+1"}], '
+                  '"reward_model": {"ground_truth": "2"}}\n')
+  (tmp_path / "empty.parquet").touch()
+  (tmp_path / "garbage.parquet").write_bytes(b"not parquet at all")
+  pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "no_rows.parquet")
+  (tmp_path / "data.csv").write_text("a,b\n")
+  config = configs.get_config("grpo", f"run_dir={tmp_path / 'run'},prompts=1")
+  config.data.update(source="files", dir=str(tmp_path), train_files=("good.jsonl",),
+                     eval_files=("good.jsonl",))
+  assert _problems(config) == []
+  config.data.train_files = ("empty.parquet", "garbage.parquet", "no_rows.parquet", "data.csv",
+                             "missing.jsonl")
+  (found,) = _problems(config)
+  for problem in ("empty.parquet is empty (0 bytes)", "garbage.parquet is not a readable parquet "
+                  "file", "no_rows.parquet has no rows", "data.csv is not a .parquet or .jsonl "
+                  "file", "missing.jsonl does not exist"):
+    assert problem in found, found
+  assert found.startswith("data.train_files=('empty.parquet',")
+  assert _problems(config, disk=False) == []  # A dry run reads no files.
+
+
+def test_an_objective_name_other_than_the_files_names_the_files_preset():
+  config = run_fixtures.parse_config("dsrl", overrides=["--config.objective.warmup.name=nsr_rl"])
+  (found,) = _problems(config, preset_names={"objective.warmup": "nsr_prerl"})
+  assert found.startswith("objective.warmup.name='nsr_rl': must be 'nsr_prerl', the preset the "
+                          "config file trains: the name is a label and selects nothing"), found
+  assert _problems(config, preset_names={"objective.warmup": "nsr_rl"}) == []

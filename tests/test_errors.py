@@ -54,14 +54,29 @@ def test_missing_gpu_is_one_line_naming_the_flag():
   assert last.startswith("tpu_run.py: --jax_platforms=cuda: no GPU was found"), result.stderr
 
 
-@pytest.mark.parametrize("config, flag, expected", [
-    ("configs/grpo.py:steps=x", None, "tpu_run.py: config argument steps='x': expected int"),
-    ("configs/grpo.py", "--config.objective.aggregation=bogus",
-     "tpu_run.py: config section objective: aggregation='bogus' is not one of"),
+ISSUE_EXAMPLES = ("--config.optim.learning_rate=-1e-5", "--config.train.steps=-1",
+                  "--config.rollout.prompts_per_step=0", "--config.optim.micro_batches=0",
+                  "--config.rollout.top_p=1.5", "--config.model.dtype=float33",
+                  "--config.objective.name=grpoo")
+
+
+@pytest.mark.parametrize("config, flags, expected", [
+    ("configs/grpo.py:steps=x", (), "tpu_run.py: config argument steps='x': expected int"),
+    ("configs/grpo.py", ("--config.objective.aggregation=bogus",),
+     "tpu_run.py: bad config (1 key): objective.aggregation='bogus' is not one of"),
+    ("configs/missing.py", (), "tpu_run.py: --config=configs/missing.py: configs/missing.py is "
+                               "not a file; the run configs are configs/<name>.py: dsrl, grpo"),
+    # Every bad key in one line, checked before the model or data load.
+    ("configs/grpo.py", ISSUE_EXAMPLES,
+     "tpu_run.py: bad config (7 keys): model.dtype='float33': must be one of float32, bfloat16, "
+     "float16; optim.learning_rate=-1e-05: must be a finite number > 0; optim.micro_batches=0: "
+     "must be an int >= 1; rollout.prompts_per_step=0: must be an int >= 1; rollout.top_p=1.5: "
+     "must be a finite number > 0 and <= 1 (1: no nucleus truncation); train.steps=-1: must be "
+     "an int >= 1; objective.name='grpoo': must be 'grpo', the preset the config file trains"),
 ])
-def test_a_bad_config_value_is_one_line_naming_it(config, flag, expected):
+def test_a_bad_config_value_is_one_line_naming_it(config, flags, expected):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  result = subprocess.run([sys.executable, TPU_RUN, f"--config={config}", *filter(None, [flag])],
+  result = subprocess.run([sys.executable, TPU_RUN, f"--config={config}", *flags],
                           cwd=run_fixtures.REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 1

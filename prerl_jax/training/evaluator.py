@@ -62,9 +62,10 @@ class Evaluator:
             for row, length in zip(tokens_NxM, lengths_N)]
 
   def eval_sampling(self) -> SamplingConfig:
+    """The rollout's sampling with the eval section's length and temperature (0: greedy)."""
     ev = self.config.eval
     return dataclasses.replace(self.sampling, max_new_tokens=ev.max_new_tokens,
-                               temperature=ev.temperature)
+                               temperature=ev.temperature, greedy=ev.temperature == 0)
 
   def generate(self, params, sampling: SamplingConfig, key):
     """An evaluation.Generate over `params` (a fixed key for comparable evals)."""

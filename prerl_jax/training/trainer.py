@@ -21,7 +21,7 @@ from prerl_jax import sharding
 from prerl_jax.errors import UserError
 from prerl_jax.data.task_data import data_files
 from prerl_jax.rl.schedule import schedule_from_config
-from prerl_jax.training.checkpointing import Checkpointer
+from prerl_jax.training.checkpointing import Checkpointer, UnreadableCheckpoint
 from prerl_jax.models import attention
 from prerl_jax.models.export import export_hf
 from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
@@ -32,21 +32,6 @@ from prerl_jax.rl import packing
 from prerl_jax.rl.batch import RolloutBatch, from_samples
 from prerl_jax.rl.train_step import (enter_phase, init_train_state, make_optimizer,
                                      make_train_step, scored_spaces)
-
-def check_batch_sizes(config: ml_collections.ConfigDict, batch_devices: int) -> None:
-  """Fails early, naming the config keys, when a batch does not split over the devices."""
-  rollout, optim = config.rollout, config.optim
-  checks = (
-      ("rollout.prompts_per_step", rollout.prompts_per_step, batch_devices),
-      ("eval.prompts_per_call", config.eval.prompts_per_call, batch_devices),
-      ("rollout.prompts_per_step * rollout.group_size",
-       rollout.prompts_per_step * rollout.group_size, optim.micro_batches * batch_devices),
-  )
-  for key, value, divisor in checks:
-    if value % divisor:
-      raise UserError(f"config {key} = {value} must be divisible by {divisor} (the mesh splits "
-                      f"batches {batch_devices} ways; optim.micro_batches = "
-                      f"{optim.micro_batches})")
 
 
 def check_train_fills_a_step(config: ml_collections.ConfigDict, num_problems: int) -> None:
@@ -60,13 +45,16 @@ def check_train_fills_a_step(config: ml_collections.ConfigDict, num_problems: in
 
 
 class Trainer:
-  """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end."""
+  """Holds the model, data, sampler and compiled steps of one run; `run()` trains to the end.
+
+  Its config's values are checked beforehand (configs/common.py `check_config`, which
+  launch/tpu_run.py calls before anything loads).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.run_dir = config.train.run_dir.format(name=config.name)
     self.mesh = sharding.make_mesh(**config.mesh)
-    check_batch_sizes(config, sharding.batch_devices(self.mesh))
     self.schedule = schedule_from_config(config.objective)
     data_files(config.data)  # A missing data file fails here, before the model loads.
     self.evaluator = Evaluator(config, self.mesh)
@@ -126,17 +114,38 @@ class Trainer:
     return data_pipeline.resumable_iterator(batches)
 
   def _restore(self, iterator) -> int:
-    """Resumes from the latest complete checkpoint; returns the number of completed steps.
-    Metrics logged after it (by a run killed before that checkpoint, or before any) are dropped."""
-    latest = self.checkpointer.latest_step()
-    if latest is None:
-      truncate_metrics_after(self.run_dir, 0)
-      return 0
-    self.state, data_state = self.checkpointer.restore(latest, self.state)
-    iterator.set_state(data_state["iterator"])
-    truncate_metrics_after(self.run_dir, latest)
-    logging.info("Resumed from %s at step %d", self.run_dir, latest)
-    return latest
+    """Resumes from the latest complete checkpoint that can be read; returns its step (0: none).
+
+    One that cannot be read is handled by train.on_bad_checkpoint: `fail` stops naming it;
+    `previous` sets it aside (renamed <step>.corrupt) and tries the one before, and stops when
+    none is left; `restart` does as `previous`, then starts over. Metrics logged after the step
+    resumed from (by a run killed before its next checkpoint, or before any) are dropped.
+    """
+    policy = self.config.train.on_bad_checkpoint
+    set_aside, resumed = [], 0
+    for step in reversed(self.checkpointer.steps()):
+      try:
+        self.state, data_state = self.checkpointer.restore(step, self.state)
+      except UnreadableCheckpoint as error:
+        if policy == "fail":
+          raise UserError(f"{error} (train.on_bad_checkpoint=fail; =previous sets it aside and "
+                          "resumes from the checkpoint before it)") from error
+        set_aside.append(self.checkpointer.set_aside(step))
+        logging.warning("%s; set aside as %s", error, set_aside[-1])
+        continue
+      iterator.set_state(data_state["iterator"])
+      resumed = step
+      break
+    else:
+      if set_aside and policy != "restart":
+        raise UserError(f"no readable checkpoint is left in {self.run_dir}/checkpoints (set "
+                        f"aside: {', '.join(set_aside)}); train.on_bad_checkpoint=restart "
+                        "starts the run over from step 0")
+    truncate_metrics_after(self.run_dir, resumed)
+    if resumed or set_aside:
+      (logging.warning if set_aside else logging.info)("Resuming %s from step %d", self.run_dir,
+                                                       resumed)
+    return resumed
 
   def _rollout(self, batch, step: int):
     """Samples G responses per prompt and scores them; returns (host RolloutBatch, host

@@ -1,5 +1,5 @@
-"""Trainer reliability: kill -9 and resume, interrupted checkpoints, non-finite steps, config
-errors, and two jax.distributed processes against one."""
+"""Trainer reliability: kill -9 and resume, interrupted and unreadable checkpoints, non-finite
+steps, config errors, and two jax.distributed processes against one."""
 
 import json
 import os
@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import run_fixtures
+from prerl_jax import errors
 from prerl_jax.training import evaluator, trainer
 from prerl_jax.training.checkpointing import Checkpointer
 
@@ -110,6 +111,84 @@ def test_checkpoint_interrupted_while_written_is_never_loaded(uninterrupted, tmp
   shutil.copytree(os.path.join(checkpoints, "4"), partial)
   os.remove(os.path.join(partial, "_CHECKPOINT_METADATA"))
   assert Checkpointer(checkpoints).latest_step() == 4
+
+
+def _truncate_largest_file(directory) -> str:
+  """Cuts the largest file under `directory` to half its size (a full disk, a cut copy)."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+  largest = max(files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  return largest
+
+
+def _copy_with_truncated_checkpoints(uninterrupted, run_dir, *steps) -> str:
+  shutil.copytree(uninterrupted, run_dir)
+  for step in steps:
+    _truncate_largest_file(os.path.join(run_dir, "checkpoints", str(step)))
+  return run_dir
+
+
+def test_unreadable_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    model_dir, uninterrupted, tmp_path):
+  """Checkpoint 4 truncated: the rerun names it in one line, renames it 4.corrupt, resumes from
+  checkpoint 2 (its metrics after step 2 dropped) and ends as the uninterrupted run did."""
+  run_dir = _copy_with_truncated_checkpoints(uninterrupted, str(tmp_path / "run"), 4)
+  result = _run(_command(model_dir, run_dir, steps=4) + ["--json"])
+  assert json.loads(result.stdout[result.stdout.index("{"):])["resumed_from"] == 2
+  checkpoints = os.path.join(run_dir, "checkpoints")
+  assert sorted(os.listdir(checkpoints)) == ["2", "4", "4.corrupt"]
+  (line,) = [l for l in result.stderr.splitlines() if "cannot be read" in l]
+  assert line.endswith(f"set aside as {checkpoints}/4.corrupt") and f"{checkpoints}/4 " in line
+  assert "Traceback" not in result.stderr
+  assert _metrics(run_dir) == _metrics(uninterrupted)
+  expected, got = _exported(uninterrupted), _exported(run_dir)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def _restore(model_dir, run_dir, *overrides):
+  """A tiny run's Trainer._restore on run_dir: the step it resumes from."""
+  run = trainer.Trainer(run_fixtures.tiny_config("w_reinforce", model_dir, run_dir, steps=4,
+                                                 overrides=overrides))
+  try:
+    return run._restore(run.batches())
+  finally:
+    run.close()
+
+
+def test_unreadable_checkpoint_with_on_bad_checkpoint_fail_is_named_and_kept(
+    model_dir, uninterrupted, tmp_path):
+  run_dir = _copy_with_truncated_checkpoints(uninterrupted, str(tmp_path / "run"), 4)
+  with pytest.raises(errors.UserError, match=rf"^{run_dir}/checkpoints/4 cannot be read \(.*\) "
+                     r"\(train\.on_bad_checkpoint=fail; =previous sets it aside"):
+    _restore(model_dir, run_dir, "--config.train.on_bad_checkpoint=fail")
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
+  assert len(_metrics(run_dir)) == 4
+
+
+def test_no_readable_checkpoint_left_stops_unless_restart_is_asked(
+    model_dir, uninterrupted, tmp_path):
+  stopped = _copy_with_truncated_checkpoints(uninterrupted, str(tmp_path / "stopped"), 2, 4)
+  with pytest.raises(errors.UserError, match=r"no readable checkpoint is left in .*stopped/"
+                     r"checkpoints \(set aside: .*/4\.corrupt, .*/2\.corrupt\); "
+                     r"train\.on_bad_checkpoint=restart starts the run over from step 0"):
+    _restore(model_dir, stopped)
+  assert len(_metrics(stopped)) == 4  # Nothing restarted: the logged steps are kept.
+  restarted = _copy_with_truncated_checkpoints(uninterrupted, str(tmp_path / "restarted"), 2, 4)
+  assert _restore(model_dir, restarted, "--config.train.on_bad_checkpoint=restart") == 0
+  assert sorted(os.listdir(os.path.join(restarted, "checkpoints"))) == ["2.corrupt", "4.corrupt"]
+  assert _metrics(restarted) == []
+
+
+def test_checkpoint_of_another_state_is_named_and_not_set_aside(model_dir, uninterrupted,
+                                                                tmp_path):
+  """A config that builds another state (a KL reference) does not call the checkpoint corrupt."""
+  run_dir = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, run_dir)
+  with pytest.raises(errors.UserError, match=r"checkpoints/4 holds another state than this run "
+                     r"config builds \(\d+ arrays differ, e.g. reference/.*stored None"):
+    _restore(model_dir, run_dir, "--config.objective.kl_coef=0.001")
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
 
 
 def test_run_killed_before_its_first_checkpoint_restarts_its_metrics(model_dir, tmp_path):
