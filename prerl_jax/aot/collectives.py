@@ -16,22 +16,26 @@ import dataclasses
 import math
 import re
 
-# Bytes one chip receives from the others per collective over a group of n chips, as a multiple of
-# the bytes of its operand (what the chip itself contributes), with the bandwidth-optimal (ring)
-# algorithms; a chip sends as much as it receives. The one place these rules are written.
+# Bytes one chip receives from the others per collective over a group of n chips, from the bytes
+# of its operands (what the chip itself contributes) and of its result, with the
+# bandwidth-optimal (ring) algorithms; a chip sends as much as it receives. The one place these
+# rules are written. (The result of an async -start is a tuple also holding its operands; only
+# all-reduce reads it, whose -start has its result's shape.)
 TRAFFIC = {
     # The other n - 1 shards: (n - 1) / n of the gathered output.
-    "all-gather": lambda n: n - 1,
+    "all-gather": lambda operand, result, n: operand * (n - 1),
     # The other n - 1 chips' partial sums of its 1 / n: (n - 1) / n of its input.
-    "reduce-scatter": lambda n: (n - 1) / n,
-    # A reduce-scatter, then an all-gather of the reduced shards: 2 (n - 1) / n of its input.
-    "all-reduce": lambda n: 2 * (n - 1) / n,
-    # It keeps 1 / n of its input and receives as much from the others: (n - 1) / n.
-    "all-to-all": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda operand, result, n: operand * (n - 1) / n,
+    # A reduce-scatter of its input, then an all-gather of the result: 2 (n - 1) / n of its
+    # input when (as usual) the result has its input's type; libtpu may reduce float32 into a
+    # bfloat16 result.
+    "all-reduce": lambda operand, result, n: (operand + result) * (n - 1) / n,
+    # It keeps 1 / n of its input and receives as much from each other chip: (n - 1) / n.
+    "all-to-all": lambda operand, result, n: operand * (n - 1) / n,
     # One whole operand from its source.
-    "collective-permute": lambda n: 1,
+    "collective-permute": lambda operand, result, n: operand,
     # The root's whole operand.
-    "collective-broadcast": lambda n: 1,
+    "collective-broadcast": lambda operand, result, n: operand,
 }
 # Collectives with no rule above: a program holding one is an error, not a zero.
 UNCOUNTED = ("ragged-all-to-all", "send", "recv")
@@ -173,9 +177,24 @@ def _parse_instruction(line: str) -> tuple[bool, _Instruction]:
       attributes=rest[close + 1:])
 
 
+def _lines(text: str):
+  """The text's lines, an instruction that runs on over several (a kernel's metadata) joined
+  into one: until its braces and parentheses outside string literals close."""
+  pending = ""
+  for line in text.splitlines():
+    pending = f"{pending}\n{line}" if pending else line
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", pending)
+    if (not re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", pending)
+        or (bare.count("{") == bare.count("}") and bare.count("(") == bare.count(")"))):
+      yield pending
+      pending = ""
+  if pending:
+    raise ValueError(f"HLO text: an instruction never closes: {pending[:200]!r}")
+
+
 def _parse(text: str) -> _Module:
   computations, entry, current = {}, None, None
-  for line in text.splitlines():
+  for line in _lines(text):
     header = re.match(r"(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
     if current is None and header:
       current = _Computation(header.group(2), {})
@@ -285,8 +304,9 @@ class _Counter:
     if kind in TRAFFIC:
       operands = sum(shape_bytes(computation.instructions[name].shape)
                      for name in instruction.operands)
-      size = group_size(instruction.attributes, self.module.devices)
-      yield Traffic({**dict.fromkeys(TRAFFIC, 0.0), kind: operands * TRAFFIC[kind](size)},
+      moved = TRAFFIC[kind](operands, shape_bytes(instruction.shape),
+                            group_size(instruction.attributes, self.module.devices))
+      yield Traffic({**dict.fromkeys(TRAFFIC, 0.0), kind: moved},
                     {**dict.fromkeys(TRAFFIC, 0), kind: 1}), 1
     elif kind in UNCOUNTED:
       raise ValueError(f"{instruction.describe()}: no traffic rule for {op} "

@@ -66,7 +66,7 @@ def test_a_loop_without_a_constant_bound_is_an_error(mesh):
     collectives.traffic(text, while_trips=(3,))
 
 
-HLO = """HloModule handwritten, num_partitions=8
+HLO = r"""HloModule handwritten, num_partitions=8
 
 %body (loop: (s32[], f32[64])) -> (s32[], f32[64]) {
   %loop = (s32[], f32[64]{0}) parameter(0)
@@ -97,11 +97,15 @@ ENTRY %main (p: f32[64], q: bf16[8,32]) -> f32[64] {
   %p = f32[64]{0} parameter(0)
   %q = bf16[8,32]{1,0} parameter(1)
   %both = (f32[64]{0}, bf16[8,32]{1,0}) all-reduce(%p, %q), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%sum
+  %mixed = bf16[64]{0} all-reduce(%p), replica_groups=[1,8]<=[8], to_apply=%sum
   %rs = f32[16]{0} reduce-scatter(%p), replica_groups=mesh['x'=2,'y'=4] {'y'}, dimensions={0}, to_apply=%sum
   %cp-start = (f32[64]{0}, f32[64]{0}, u32[], u32[]) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
   %cp-done = f32[64]{0} collective-permute-done(%cp-start)
-  %zero = s32[] constant(2)
-  %init = (s32[], f32[64]{0}) tuple(%zero, %cp-done)
+  %kernel = f32[64]{0} custom-call(%p), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{"block_q": 512, "q_layout": 1}"
+}}, metadata={op_name="jit(f)/pallas_call"}
+  %two = s32[] constant(2)
+  %init = (s32[], f32[64]{0}) tuple(%two, %cp-done)
   %loop = (s32[], f32[64]{0}) while(%init), condition=%cond, body=%body
   ROOT %r = f32[64]{0} get-tuple-element(%loop), index=1
 }
@@ -109,13 +113,15 @@ ENTRY %main (p: f32[64], q: bf16[8,32]) -> f32[64] {
 
 
 def test_handwritten_hlo_async_pairs_once_and_each_replica_group_form():
+  """Also a kernel's metadata over three lines (libtpu prints splash attention's so)."""
   traffic = collectives.traffic(HLO)
-  assert traffic.ops == {**dict.fromkeys(collectives.TRAFFIC, 0), "all-reduce": 1,
+  assert traffic.ops == {**dict.fromkeys(collectives.TRAFFIC, 0), "all-reduce": 2,
                          "reduce-scatter": 1, "collective-permute": 1, "all-gather": 4}
   assert traffic.bytes == {
       **dict.fromkeys(collectives.TRAFFIC, 0.0),
-      # Groups of 2 over both operands of the tuple: 2 x (2 - 1) / 2 of (256 + 512) bytes.
-      "all-reduce": 768.0,
+      # Groups of 2 over both operands of the tuple: 2 x (2 - 1) / 2 of (256 + 512) bytes; and
+      # float32 reduced into bfloat16 over 8 chips: 7 / 8 of 256 bytes in, 7 / 8 of 128 out.
+      "all-reduce": 768.0 + 336.0,
       # 4 chips on mesh axis y: 3 / 4 of 256 bytes.
       "reduce-scatter": 192.0,
       "collective-permute": 256.0,
