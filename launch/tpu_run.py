@@ -14,7 +14,8 @@ or data: it compiles the run's programs for a slice or host by product name (v5p
 v5p-64, v5p-128, v5e-16, v5e-64, v6e-16, v6e-64: libtpu's compiler on the real topology;
 h100x1, h100x8, h200x1, h200x8: XLA:GPU through the CUDA plugin of the gpu-aot extra, or
 simulated CPU devices without it) and prints memory, fit and projected step time per chip
-(prerl_jax/aot/dry_run.py).
+(prerl_jax/aot/dry_run.py). `--response_lengths=run/metrics.jsonl` or `=lognormal:mean=1500` adds
+the continuous engine's sampling over those lengths, scheduled as the engine does.
 """
 
 import json
@@ -71,6 +72,10 @@ _TARGET = flags.DEFINE_string("target", "v5p-16", "Dry-run target by product nam
                               "h100x8, h200x1, h200x8.")
 _MESH = flags.DEFINE_string("mesh", None, "Dry-run mesh over the target's chips, e.g. "
                             "fsdp=4,tensor=2 (default: all chips on fsdp).")
+_RESPONSE_LENGTHS = flags.DEFINE_string(
+    "response_lengths", None, "Dry run: also project the continuous engine's sampling over these "
+    "response lengths: a run's metrics.jsonl, or fixed:N, uniform:mean=N, lognormal:mean=N"
+    "[,sigma=S] (prerl_jax/aot/response_lengths.py).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a user error (bad config, "
                              "data or path) as well as its message.")
 flags.mark_flag_as_required("config")
@@ -183,7 +188,8 @@ def _run(argv):
     _check_config(devices=None, disk=False)  # Its devices are the target's; it reads no files.
     from prerl_jax.aot import dry_run  # pylint: disable=import-outside-toplevel
     try:
-      print(dry_run.report_text(_CONFIG.value, _TARGET.value, _MESH.value, _JSON.value))
+      print(dry_run.report_text(_CONFIG.value, _TARGET.value, _MESH.value, _JSON.value,
+                                _RESPONSE_LENGTHS.value))
     except ValueError as error:
       sys.exit(f"tpu_run.py: {error}")
     return

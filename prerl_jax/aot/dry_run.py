@@ -28,6 +28,8 @@ blocks it attends over. Early stopping: the decode loop ends when every row has 
 hundreds of rows one response reaching the cap is the common case, so every decode step
 (max_new_tokens - 1) is counted, and the update is compiled at the full response width (the
 trainer's width when one response is truncated): an upper bound for batches that all stop early.
+Given response lengths (`--response_lengths`, response_lengths.py), the report's `lengths` adds
+the continuous engine's sampling over them, scheduled by the engine's own scheduler on the host.
 """
 
 import dataclasses
@@ -44,6 +46,7 @@ from flax import nnx
 
 from prerl_jax import sharding
 from prerl_jax.aot import report as report_lib, targets as targets_lib
+from prerl_jax.aot import response_lengths as response_lengths_lib
 from prerl_jax.generate import continuous as continuous_lib, page_pool, sampler as sampler_lib
 from prerl_jax.generate.decode import block_shapes, block_sharding
 from prerl_jax.models import presets
@@ -363,33 +366,27 @@ def static_sampler_programs(config: ml_collections.ConfigDict,
                   resident_bytes=resident)]
 
 
-def continuous_sampler_programs(config: ml_collections.ConfigDict,
-                                shapes: StepShapes) -> list[Program]:
-  """The continuous engine's prefill chunk and decode chunk over its page pool.
+def continuous_pool(config: ml_collections.ConfigDict, shapes: StepShapes) -> tuple:
+  """The continuous engine's (PoolConfig, abstract pool, batch shards, pages per shard)."""
+  pool = continuous_lib.PoolConfig.from_rollout(config.rollout)
+  pool_struct = continuous_lib.abstract_pool(pool, shapes.model, shapes.prompt_width,
+                                             config.rollout.max_new_tokens, shapes.mesh)
+  shards = page_pool.shards(shapes.mesh)
+  return pool, pool_struct, shards, pool_struct.shape[1] // shards
 
-  Runs per step, with every response at the cap (as for the static sampler): each prompt is
-  prefilled in chunks of `prefill_chunk` tokens (its bucket width, an upper bound), a prompt per
-  batch shard per call; each shard's live rows hold as many groups as its rows and pool pages
-  allow (a group: its prompt's pages once, each sample's response pages), and each wave of
-  groups over all shards decodes max_new_tokens steps in chunks of chunk_steps. A decode step
-  reads the compute-dtype weights and, per row of a chip's shard, the keys and values of half a
-  response past its prompt (the mean over the response). Rows and pages are split over the batch
-  axes and kv heads over the tensor axis, so the FLOPs are spread over every chip.
+
+def cap_bound(rollout: ml_collections.ConfigDict, pool: continuous_lib.PoolConfig, shards: int,
+              pages: int, prompt_width: int) -> dict:
+  """The continuous engine's schedule with every response at the cap, by formula.
+
+  Each shard's live rows hold as many groups as its rows and pool pages allow (a group: its
+  prompt's pages once, each sample's response pages), and each wave of groups over all shards
+  decodes max_new_tokens steps in chunks of chunk_steps. The engine's scheduler gives the same
+  waves and steps when rows, not pages, bound the groups (tests/aot/test_response_lengths.py);
+  where pages do, it admits more groups, as their first chunks fit, and puts the newest back in
+  the queue as the pool runs short (`--response_lengths=fixed:<max_new_tokens>` shows it).
   """
-  rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
-  model = nnx.merge(shapes.graphdef, shapes.state.params)
-  sampler = continuous_lib.ContinuousSampler(model, continuous_lib.PoolConfig.from_rollout(
-      rollout), mesh)
-  pool = sampler.pool
-  traced = sampler.trace(shapes.state.params, _abstract_key(shapes), _sampling(rollout),
-                         shapes.prompt_width)
-  pool_struct = continuous_lib.abstract_pool(pool, c, shapes.prompt_width,
-                                             rollout.max_new_tokens, mesh)
-  shards = sampler.shards
-  pages = pool_struct.shape[1] // shards  # Per shard.
-  # Keys and values of one token, per chip.
-  token_bytes = per_device_bytes(pool_struct) / (pages * pool.page_size)
-  prompt_pages = -(-shapes.prompt_width // pool.page_size)
+  prompt_pages = -(-prompt_width // pool.page_size)
   response_pages = -(-rollout.max_new_tokens // pool.page_size)
   groups = min(pool.rows // rollout.group_size,
                (pages - 1) // (prompt_pages + rollout.group_size * response_pages))
@@ -397,12 +394,41 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
     raise ValueError(
         f"rollout.kv_cache_gib={rollout.kv_cache_gib}: the pool's {pages} pages of "
         f"{pool.page_size} slots cannot hold one group of {rollout.group_size} responses of "
-        f"{rollout.max_new_tokens} tokens to a {shapes.prompt_width}-token prompt "
+        f"{rollout.max_new_tokens} tokens to a {prompt_width}-token prompt "
         f"({prompt_pages + rollout.group_size * response_pages} pages); raise it")
   waves = -(-rollout.prompts_per_step // (groups * shards))
-  chunks = -(-rollout.max_new_tokens // pool.chunk_steps)
+  chunks = waves * -(-rollout.max_new_tokens // pool.chunk_steps)
+  return {"groups_per_shard": groups, "waves": waves, "decode_chunks": chunks,
+          "decode_steps": chunks * pool.chunk_steps}
+
+
+def _position_bytes(pool_struct, pool: continuous_lib.PoolConfig, pages: int) -> float:
+  """Bytes per chip of one position's keys and values in the pool."""
+  return per_device_bytes(pool_struct) / (pages * pool.page_size)
+
+
+def continuous_sampler_programs(config: ml_collections.ConfigDict,
+                                shapes: StepShapes) -> list[Program]:
+  """The continuous engine's prefill chunk and decode chunk over its page pool.
+
+  Runs per step, with every response at the cap (as for the static sampler; `cap_bound`): each
+  prompt is prefilled in chunks of `prefill_chunk` tokens (its bucket width, an upper bound), a
+  prompt per batch shard per call, and the decode chunk runs the bound's chunks. A decode step
+  reads the compute-dtype weights and, per row of a chip's shard, the keys and values of half a
+  response past its prompt (the mean over the response). Rows and pages are split over the batch
+  axes and kv heads over the tensor axis, so the FLOPs are spread over every chip. Given response
+  lengths, `lengths_projection` runs the engine's scheduler instead.
+  """
+  rollout, mesh = config.rollout, shapes.mesh
+  model = nnx.merge(shapes.graphdef, shapes.state.params)
+  pool, pool_struct, shards, pages = continuous_pool(config, shapes)
+  sampler = continuous_lib.ContinuousSampler(model, pool, mesh)
+  traced = sampler.trace(shapes.state.params, _abstract_key(shapes), _sampling(rollout),
+                         shapes.prompt_width)
+  bound = cap_bound(rollout, pool, shards, pages, shapes.prompt_width)
   weights = _compute_weights_bytes(shapes)
-  attended = groups * rollout.group_size * (shapes.prompt_width + rollout.max_new_tokens / 2)
+  attended = (bound["groups_per_shard"] * rollout.group_size
+              * (shapes.prompt_width + rollout.max_new_tokens / 2))
   resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
   arguments = (shapes.state.params, pool_struct)
   prefill_calls = -(-rollout.prompts_per_step // shards)
@@ -411,9 +437,51 @@ def continuous_sampler_programs(config: ml_collections.ConfigDict,
               resident_bytes=resident,
               runs=prefill_calls * -(-(shapes.prompt_width - 1) // pool.prefill_chunk)),
       Program("sampler:decode", "sample", traced["decode"], arguments,
-              pool.chunk_steps * (weights + attended * token_bytes),
-              while_trips=(pool.chunk_steps,), resident_bytes=resident, runs=waves * chunks),
+              pool.chunk_steps * (weights + attended * _position_bytes(pool_struct, pool, pages)),
+              while_trips=(pool.chunk_steps,), resident_bytes=resident,
+              runs=bound["decode_chunks"]),
   ]
+
+
+STATIC_LENGTHS = ("not modelled for rollout.engine=static: its decode loop runs until the "
+                  "batch's longest response stops, with many rows about the cap; the "
+                  "all-at-the-cap projection stands")
+
+
+def lengths_projection(config: ml_collections.ConfigDict, shapes: StepShapes,
+                       target: targets_lib.Target, lengths: response_lengths_lib.Lengths,
+                       programs: list[dict]) -> dict:
+  """The continuous engine's sampling over given response lengths (response_lengths.py), beside
+  the all-at-the-cap bound; per logged step and their mean where a run's lengths are given.
+
+  The engine's scheduler runs on the host over each step's lengths; each decode chunk is priced
+  from the compiled decode program (`response_lengths.project`), each prefill call as the
+  compiled prefill chunk. The update is the one at the full response width.
+  """
+  head = {"source": lengths.source, "steps": lengths.steps, "responses": shapes.rows}
+  if config.rollout.engine != "continuous":
+    return {**head, "note": STATIC_LENGTHS}
+  pool, pool_struct, shards, pages = continuous_pool(config, shapes)
+  by_name = {p["name"]: p for p in programs}
+  decode, prefill = by_name["sampler:decode"], by_name["sampler:prefill"]
+  costs = response_lengths_lib.DecodeCosts(
+      flops=decode["flops_per_chip"] / pool.chunk_steps, rows=pool.rows,
+      weights_bytes=_compute_weights_bytes(shapes),
+      token_bytes=_position_bytes(pool_struct, pool, pages),
+      comm_s=(decode.get("comm_s") or 0.0) / decode["runs"] / pool.chunk_steps)
+  per_step = [
+      response_lengths_lib.project(
+          response_lengths_lib.simulate(lengths_N, config.rollout, pool, shards, pages,
+                                    shapes.prompt_width),
+          costs, prefill["projected_s"] / prefill["runs"], target.bf16_flops,
+          target.hbm_bandwidth)
+      for lengths_N in lengths.sets]
+  update_s = max(p["projected_s"] for p in programs if p["stage"] == "update")
+  mean = response_lengths_lib.mean_of(per_step)
+  return {**head, "decode_rows": shards * pool.rows,
+          "bound": cap_bound(config.rollout, pool, shards, pages, shapes.prompt_width), **mean,
+          "projected_step_s": mean["projected_sample_s"] + update_s,
+          **({"per_step": per_step} if len(per_step) > 1 else {})}
 
 
 def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
@@ -447,12 +515,17 @@ def step_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list
 
 
 def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | None = None,
-            model_config: ModelConfig | None = None) -> dict:
+            model_config: ModelConfig | None = None, response_lengths: str | None = None) -> dict:
   """Compiles every program of a step of `config` for a target; see the module docstring.
 
   target: a product name (targets.TARGETS). mesh_sizes: e.g. {'fsdp': 4, 'tensor': 2}
   (sharding.parse_mesh); default all chips on fsdp. model_config: default the preset's shape.
+  response_lengths: a `--response_lengths` spec (response_lengths.py); the report's `lengths`
+  then projects the sampling over them (`lengths_projection`).
   """
+  lengths = None if response_lengths is None else response_lengths_lib.parse(
+      response_lengths, config.rollout.prompts_per_step * config.rollout.group_size,
+      config.rollout.max_new_tokens)
   target = targets_lib.get_target(target)
   model_config = model_config or model_config_for(config, target)
   mesh = make_target_mesh(target, mesh_sizes)
@@ -485,12 +558,16 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
       "early_stopping": "none modelled: every decode step runs and the update has the full "
                         "response width (an upper bound; see prerl_jax/aot/dry_run.py)",
   }
+  if lengths is not None:
+    report["lengths"] = lengths_projection(config, shapes, target, lengths, programs)
   report["advice"] = report_lib.advice(report)
   return report
 
 
 def report_text(config: ml_collections.ConfigDict, target: str, mesh_spec: str | None = None,
-                as_json: bool = False) -> str:
-  """The dry run of the command line: mesh as 'fsdp=8,tensor=1' or None; a summary or JSON."""
-  report = dry_run(config, target, sharding.parse_mesh(mesh_spec) if mesh_spec else None)
+                as_json: bool = False, response_lengths: str | None = None) -> str:
+  """The dry run of the command line: mesh as 'fsdp=8,tensor=1' or None; a summary or JSON;
+  response_lengths: a `--response_lengths` spec or None."""
+  report = dry_run(config, target, sharding.parse_mesh(mesh_spec) if mesh_spec else None,
+                   response_lengths=response_lengths)
   return json.dumps(report, indent=2) if as_json else report_lib.format_report(report)

@@ -2,6 +2,8 @@
 
 import math
 
+from prerl_jax.aot import response_lengths
+
 GIB = 2**30
 
 
@@ -106,6 +108,7 @@ def format_report(report: dict) -> str:
       f"{report['projected_sample_s']:.1f} s + update {report['projected_update_s']:.1f} s "
       f"({peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, {peaks['hbm_bandwidth'] / 1e9:.0f} GB/s; no "
       f"communication; early stopping: {report['early_stopping']})")
+  lines += [response_lengths.summary_line(report["lengths"])] if "lengths" in report else []
   lines.append(f"fits: {'yes' if report['fits'] else 'NO'}")
   lines += [f"does not fit: {note}" for note in report["advice"]]
   if report["compiler"] != "tpu":

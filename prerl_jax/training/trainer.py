@@ -179,6 +179,7 @@ class Trainer:
         "reward/accuracy": float((rewards_N >= 1.0).mean()),
         "response/tokens_mean": float(lengths_N.mean()),
         "response/tokens_max": int(lengths_N.max()),
+        "response/lengths": lengths_N.tolist(),  # Prompt i's samples at i*G..i*G+G-1 (dry run).
         "response/truncated_fraction": float(truncated_N.mean()),
         "response/update_width": width,
         "prompt/truncated": int(batch["prompt_truncated"].sum()),
