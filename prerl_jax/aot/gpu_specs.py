@@ -2,7 +2,7 @@
 
 A deviceless XLA:GPU compile (`targets.target_devices`) knows the chip only from this text: the
 compute capability picks the code (sm_90a); cores, shared memory, registers, L2 and clock drive
-fusion and tiling; `device_memory_size` is the budget XLA rematerializes to fit within.
+fusion and tiling; `device_memory_size` sets the budget XLA's rematerialization aims for.
 
 Sources: XLA's own specs of these chips, captured from the devices (openxla/xla,
 xla/backends/gpu/target_config/specs/h100_sxm.txtpb and h200.txtpb: "NVIDIA H100 80GB HBM3",
@@ -10,8 +10,9 @@ xla/backends/gpu/target_config/specs/h100_sxm.txtpb and h200.txtpb: "NVIDIA H100
 132 SMs at 1.98 GHz boost, 228 KiB shared memory (227 KiB per block) and 64 Ki 32-bit registers
 per SM, 50 MiB L2 (H100 and H200 Tensor Core GPU data sheets; Hopper tuning guide); HBM3 at
 3.35 TB/s (H100 SXM) and HBM3e at 4.8 TB/s (H200 SXM). `device_memory_size` is the memory CUDA
-reports: 79.1 GiB of the H100's 80 GB, 141.0 GiB on the H200. cuDNN's version is left out: XLA
-then plans no cuDNN kernels, which this host could not build without a GPU.
+reports: 79.1 GiB of the H100's 80 GB, 141.0 GiB on the H200. Left out: cuDNN's version (XLA
+then plans no cuDNN kernels, which this host could not build without a GPU) and XLA's per-dtype
+unit rates (its cost model's; the paper preset's update compiles to the same memory with them).
 """
 
 import dataclasses
