@@ -180,6 +180,7 @@ SETTINGS = dict(
         attention=S("auto", rules.one_of(*attention.BACKENDS)),
         # The token a pre-train-space sequence starts with (-1: the chat turn start).
         marginal_bos_id=S(-1, rules.integer(0, special=-1, note="the chat turn start")),
+        # Checkpoint tensors the model does not use only warn (a deliberately truncated model).
         allow_unused_weights=S(False, rules.boolean),
     ),
     mesh=dict(data=S(1, MESH_AXIS), fsdp=S(-1, MESH_AXIS), tensor=S(1, MESH_AXIS)),

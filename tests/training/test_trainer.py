@@ -86,8 +86,9 @@ def test_kill_minus_9_then_resume_equals_uninterrupted_run(model_dir, uninterrup
   process = subprocess.Popen(command, cwd=run_fixtures.REPO_ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   # Killed once step 3 is logged: checkpoint 2 is written or still being written (saves are
-  # asynchronous; then the rerun starts over), and step 4 is not done. (Waiting for checkpoint 2's directory instead raced:
-  # under load its asynchronous write can finish just before checkpoint 4's.)
+  # asynchronous; then the rerun starts over), and step 4 is not done. (Waiting for checkpoint
+  # 2's directory instead raced: under load its asynchronous write can finish just before
+  # checkpoint 4's.)
   deadline = time.time() + 300
   while time.time() < deadline and 3 not in _logged_steps(run_dir):
     assert process.poll() is None, "the run ended before it could be killed"
