@@ -11,8 +11,10 @@ import os
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from prerl_jax.errors import UserError
 
@@ -89,6 +91,7 @@ class Checkpointer:
       raise UserError(f"{path} holds another state than this run config builds "
                       f"({len(differences)} arrays differ, e.g. {differences[0]}): resume with "
                       f"the config that wrote it, or give this one a new train.run_dir")
+    failure = None
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_abstract(abstract_state)),
@@ -97,7 +100,10 @@ class Checkpointer:
       # Orbax raises bare Exceptions (TensorStore reads), JSON and OS errors: all unreadable here,
       # since the arrays it lists are the ones the run expects.
       _drop_reports_of_abandoned_reads()
-      raise UnreadableCheckpoint(f"{path} cannot be read ({_first_line(error)})") from error
+      failure = error
+    if not _on_every_process(failure is None):  # Each process reads its own shards.
+      cause = _first_line(failure) if failure else "another process could not read its part"
+      raise UnreadableCheckpoint(f"{path} cannot be read ({cause})") from failure
     return restored["state"], restored["data"]
 
   def set_aside(self, step: int) -> str:
@@ -130,6 +136,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process of the run."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
