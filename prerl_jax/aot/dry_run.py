@@ -14,8 +14,17 @@ outputs - donated aliases + temporaries + code, plus the train state that stays 
 program (the optimizer state and reference while sampling). A program fits when that is at most
 the chip's HBM.
 
-Projected time (no communication, no latency): each program takes max(FLOPs / bf16 peak,
-bytes / HBM bandwidth) per run. The compiler's `cost_analysis()` counts every loop body once
+Projected time (no latency): each program takes runs x (max(FLOPs / bf16 peak, bytes / HBM
+bandwidth) + comm), its communication not overlapped with its work; the fully overlapped bound,
+runs x max(compute, memory, comm), is reported beside it. comm: the bytes its collectives move
+into one chip per run (`collectives.py`: read from the compiled program's text, each collective
+counted through its loops' trips, by one per-chip rule per kind) over half the chip's published
+bidirectional interconnect bandwidth (what flows into it). Only the chip-to-chip links of one
+slice or host are modelled (every target is a single-slice TPU or a single-host GPU): the network
+between the hosts of a GPU cluster or the slices of a multislice run is not. A program the
+compiler refuses has no text: its comm is unknown (None).
+
+FLOPs and bytes: the compiler's `cost_analysis()` counts every loop body once
 (layer scan, micro-batch scan, vocabulary chunks, decode loop), so FLOPs are counted on the traced
 program: every matmul, each scan body times its length, rematerialized forwards included, each
 decode while_loop times its steps; the compiler's own figures are reported alongside. The
@@ -45,7 +54,7 @@ import ml_collections
 from flax import nnx
 
 from prerl_jax import sharding
-from prerl_jax.aot import report as report_lib, targets as targets_lib
+from prerl_jax.aot import collectives, report as report_lib, targets as targets_lib
 from prerl_jax.aot import response_lengths as response_lengths_lib
 from prerl_jax.generate import continuous as continuous_lib, page_pool, sampler as sampler_lib
 from prerl_jax.generate.decode import block_shapes, block_sharding
@@ -58,7 +67,6 @@ from prerl_jax.rl.objective import CONDITIONAL, MARGINAL
 from prerl_jax.rl.schedule import schedule_from_config
 
 GIB = targets_lib.GIB
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +75,8 @@ class Program:
 
   stage: "sample" or "update" (a step runs every sample program and one update program, its
     phase's). arguments: its abstract inputs (a key array counts as none). while_trips:
-    iterations of each while_loop of the program, in trace order.
+    iterations of each while_loop of the program, in trace order (its FLOPs; and its collectives,
+    where a compiled loop's condition depends on data: collectives.py).
   hbm_bytes_moved: modelled HBM traffic of one run (module docstring).
   resident_bytes: train state held in HBM beside the program's arguments while it runs.
   runs: how many times a step runs it. Its FLOPs are spread over all of the target's chips.
@@ -154,10 +163,12 @@ def _out_of_memory_temporaries(error: Exception) -> float | None:
 
 
 def compile_program(program: Program, target: targets_lib.Target) -> dict:
-  """Compiles a program for the target; its memory, FLOPs, collectives and projected seconds.
+  """Compiles a program for the target; its memory, FLOPs, collective traffic and projected
+  seconds (module docstring).
 
   A program the compiler refuses for lack of memory is reported as not fitting, its peak
-  the arguments plus the temporaries the compiler asked for (a lower bound: outputs unknown).
+  the arguments plus the temporaries the compiler asked for (a lower bound: outputs unknown),
+  its collectives unknown (None).
   """
   start = time.perf_counter()
   arguments = per_device_bytes(program.arguments)
@@ -170,7 +181,7 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
     compiled, status = None, "refused: out of memory"
     memory = {"argument_bytes": arguments, "output_bytes": 0, "alias_bytes": 0,
               "temp_bytes": int(temporaries), "code_bytes": 0}
-    cost, collectives = {}, None
+    cost, traffic = {}, None
   else:
     status = "compiled"
     stats = compiled.memory_analysis()
@@ -179,8 +190,10 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
               "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
               "code_bytes": stats.generated_code_size_in_bytes}
     cost = compiled.cost_analysis() or {}
-    text = compiled.as_text()
-    collectives = {op: text.count(f" {op}(") + text.count(f" {op}-start(") for op in COLLECTIVES}
+    try:
+      traffic = collectives.traffic(compiled.as_text(), program.while_trips)
+    except ValueError as error:
+      raise ValueError(f"program {program.name}: {error}") from error
   seconds = time.perf_counter() - start
   compiler_peak = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
                    + memory["temp_bytes"] + memory["code_bytes"])
@@ -189,6 +202,9 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
            / target.chips)
   compute_s = flops / target.bf16_flops
   memory_s = program.hbm_bytes_moved / target.hbm_bandwidth
+  comm_s = (collectives.seconds(traffic.total_bytes, target.interconnect_bandwidth)
+            if traffic else 0.0)  # Per run.
+  times = {"compute": compute_s, "memory": memory_s, "comm": comm_s}
   return {
       "name": program.name,
       "stage": program.stage,
@@ -203,12 +219,16 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
       "runs": program.runs,
       "flops_per_chip": flops,
       "hbm_bytes_moved_per_chip": program.hbm_bytes_moved,
-      "projected_s": program.runs * max(compute_s, memory_s),
-      "bound": "compute" if compute_s >= memory_s else "memory",
+      "collective_bytes_per_chip": (
+          {"total": traffic.total_bytes, **traffic.bytes} if traffic else None),
+      "comm_s": program.runs * comm_s if traffic else None,
+      "projected_s": program.runs * (max(compute_s, memory_s) + comm_s),
+      "projected_overlapped_s": program.runs * max(times.values()),
+      "bound": max(times, key=times.get),
       "compiler_cost_loop_bodies_once": {
           key: float(cost[key]) for key in ("flops", "bytes accessed", "optimal_seconds")
           if key in cost},
-      "collectives": collectives,
+      "collectives": traffic.ops if traffic else None,  # How many run, by kind.
       "compile_s": seconds,
   }
 
@@ -532,15 +552,19 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
   with jax.set_mesh(mesh):  # Splash attention runs under shard_map over the mesh in context.
     shapes = step_shapes(config, mesh, model_config)
     programs = [compile_program(p, target) for p in step_programs(config, shapes)]
-  sample_s = sum(p["projected_s"] for p in programs if p["stage"] == "sample")
-  update_s = max(p["projected_s"] for p in programs if p["stage"] == "update")
+  sample = [p for p in programs if p["stage"] == "sample"]
+  update = max((p for p in programs if p["stage"] == "update"), key=lambda p: p["projected_s"])
+  counted = sample + [update]  # A step runs every sample program and its phase's update.
+  sample_s = sum(p["projected_s"] for p in sample)
+  update_s = update["projected_s"]
   report = {
       "target": target.name,
       "compiler": target.compiler,
       "chip": target.chip,
       "chips": target.chips,
       "peaks": {"bf16_flops": target.bf16_flops, "hbm_bandwidth": target.hbm_bandwidth,
-                "hbm_bytes": target.hbm_bytes},
+                "hbm_bytes": target.hbm_bytes,
+                "interconnect_bandwidth": target.interconnect_bandwidth},
       "mesh": dict(mesh.shape),
       "model": dataclasses.asdict(model_config),
       "engine": config.rollout.engine,
@@ -555,6 +579,11 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
       "projected_sample_s": sample_s,
       "projected_update_s": update_s,
       "projected_step_s": sample_s + update_s,
+      "projected_comm_s": sum(p["comm_s"] or 0.0 for p in counted),
+      "comm_unknown": [p["name"] for p in counted if p["comm_s"] is None],
+      "projected_step_overlapped_s": sum(p["projected_overlapped_s"] for p in counted),
+      "network": "chip-to-chip links of one slice or host only; the network between the hosts "
+                 "of a GPU cluster or the slices of a multislice run is not modelled",
       "early_stopping": "none modelled: every decode step runs and the update has the full "
                         "response width (an upper bound; see prerl_jax/aot/dry_run.py)",
   }

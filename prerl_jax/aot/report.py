@@ -94,20 +94,30 @@ def format_report(report: dict) -> str:
       f"reference {_gib(b['reference'])}, gradients (f32) {_gib(b['gradients'])}, KV cache "
       f"{_gib(b['kv_cache'])}; HBM {_gib(peaks['hbm_bytes'])}",
       "program              peak GiB  temp GiB  fits (headroom GiB)  TFLOP/chip/run   runs"
-      "  projected s  collectives (AR/AG/RS/A2A/CP)",
+      "  projected s  comm s  comm GiB/chip/run",
   ]
   for p in report["programs"]:
-    counts = ("/".join(str(count) for count in p["collectives"].values()) if p["collectives"]
-              else "none: the compiler refused it, out of memory (peak: a lower bound)")
+    moved = p["collective_bytes_per_chip"]
+    if moved is None:
+      comm = "unknown: the compiler refused it, out of memory (peak: a lower bound)"
+    else:
+      kinds = ", ".join(f"{kind} {_gib(size)}" for kind, size in moved.items()
+                        if kind != "total" and size)
+      comm = f"{p['comm_s']:>6.1f}  {_gib(moved['total'])}" + (f" ({kinds})" if kinds else "")
     fits = f"{'yes' if p['fits'] else 'NO'} ({p['headroom_bytes'] / GIB:+.1f})"
     lines.append(f"{p['name']:<20} {_gib(p['peak_bytes_per_chip']):>8}  "
                  f"{_gib(p['temp_bytes']):>8}  {fits:<19}  {p['flops_per_chip'] / 1e12:>14.3f}"
-                 f"  {p['runs']:>5}  {p['projected_s']:>8.1f} {p['bound'][:3]}  {counts}")
+                 f"  {p['runs']:>5}  {p['projected_s']:>8.1f} {p['bound'][:3]}  {comm}")
+  unknown = (f", unknown for {', '.join(report['comm_unknown'])}" if report["comm_unknown"]
+             else "")
   lines.append(
       f"projected step {report['projected_step_s']:.1f} s = sample "
-      f"{report['projected_sample_s']:.1f} s + update {report['projected_update_s']:.1f} s "
-      f"({peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, {peaks['hbm_bandwidth'] / 1e9:.0f} GB/s; no "
-      f"communication; early stopping: {report['early_stopping']})")
+      f"{report['projected_sample_s']:.1f} s + update {report['projected_update_s']:.1f} s, "
+      f"communication {report['projected_comm_s']:.1f} s of it{unknown} (not overlapped; fully "
+      f"overlapped: {report['projected_step_overlapped_s']:.1f} s) "
+      f"({peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, {peaks['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, "
+      f"{peaks['interconnect_bandwidth'] / 2 / 1e9:.0f} GB/s into a chip; {report['network']}; "
+      f"early stopping: {report['early_stopping']})")
   lines += [response_lengths.summary_line(report["lengths"])] if "lengths" in report else []
   lines.append(f"fits: {'yes' if report['fits'] else 'NO'}")
   lines += [f"does not fit: {note}" for note in report["advice"]]
