@@ -44,7 +44,7 @@ class Evaluator:
     self.model, self.tokenizer = load_model(
         model_cfg.name, path=model_cfg.path or None, mesh=self.mesh,
         param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
-        attention=model_cfg.attention)
+        attention=model_cfg.attention, allow_unused_weights=model_cfg.allow_unused_weights)
     self.data = load_task_data(config.data, config.reward)
     rollout = config.rollout
     self.sampler = rollout_sampler(self.model, self.mesh, rollout)
