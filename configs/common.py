@@ -17,6 +17,7 @@ from ml_collections import config_dict
 from prerl_jax.data import datasets, padding
 from prerl_jax.errors import UserError
 from prerl_jax.models import attention, presets, remat
+from prerl_jax.rewards import math_reward
 from prerl_jax.rl.objective import Objective
 from prerl_jax.training import checkpointing, evaluator, config_rules as rules
 
@@ -237,7 +238,12 @@ SETTINGS = dict(
         # model.attention takes branch ids: xla, chunked; auto on CPU).
         share_prompts=S(True, rules.boolean),
     ),
-    reward=dict(timeout_s=S(5.0, rules.number(above=0)), workers=S(2, rules.integer(1))),
+    reward=dict(
+        timeout_s=S(5.0, rules.number(above=0)), workers=S(2, rules.integer(1)),
+        # The math reward's rule for a unit the ground truth lacks (`5\text{ cm}` against 5): a
+        # wrong answer ("strict"), or dropped ("free", for truths whose units were stripped).
+        units=S("strict", rules.one_of(*math_reward.UNIT_RULES)),
+    ),
     eval=dict(
         every=S(0, rules.integer(0, note="0: at start and end only")),
         samples_per_problem=S(4, rules.integer(1)),
@@ -287,6 +293,8 @@ def _paper(c: ml_collections.ConfigDict, data_dir: str) -> None:
                 eval_files=PAPER_EVAL_FILES, system_prompt=PAPER_SYSTEM_PROMPT,
                 answer_format="boxed", max_prompt_length=1024,
                 on_bad_row="skip")  # 4 MATH train rows have an empty ground truth; they are logged.
+  # MATH's truths had their units, degrees and \% stripped: a unit in an answer is free there.
+  c.reward.units = "free"
   # The continuous engine over a 32 GiB page pool per chip: a static cache for 1,024 rows of
   # 9k tokens would need 146 GiB per chip on 8 chips (docs/dry_run_table.md).
   c.rollout.update(prompts_per_step=128, group_size=8, max_new_tokens=8192, temperature=1.0,

@@ -254,3 +254,8 @@ def test_an_objective_name_other_than_the_files_names_the_files_preset():
   assert found.startswith("objective.warmup.name='nsr_rl': must be 'nsr_prerl', the preset the "
                           "config file trains: the name is a label and selects nothing"), found
   assert _problems(config, preset_names={"objective.warmup": "nsr_rl"}) == []
+
+
+def test_units_are_free_only_in_the_paper_preset_whose_truths_lost_theirs():
+  assert configs.get_config("grpo").reward.units == "strict"
+  assert configs.get_config("grpo", "paper").reward.units == "free"

@@ -77,7 +77,8 @@ def load_task_data(data: ml_collections.ConfigDict,
       eval_sets.append((os.path.splitext(os.path.basename(path))[0], problems))
     if skipped:
       logging.warning("Skipped %d bad rows (data.on_bad_row='skip')", skipped)
-    pool = math_reward.MathVerifierPool(num_workers=reward.workers, timeout_s=reward.timeout_s)
+    pool = math_reward.MathVerifierPool(num_workers=reward.workers, timeout_s=reward.timeout_s,
+                                         units=reward.units)
     return TaskData(train, eval_sets, evaluation.math_scorer(pool), prompt_config, skipped,
                     math_pool=pool)
   raise ValueError(f"config key data.source={data.source!r}: expected 'reasoning_gym' or "

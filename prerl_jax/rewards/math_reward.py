@@ -14,10 +14,10 @@ What counts as the same answer beyond math-verify (prerl_jax.rewards.math_forms 
   only the SI symbols m, g, s, h, L in a text command (`7\\,\\mathrm{m}`) are units.
 - Units (a trailing `\\text{ cm}`, `5 cm`, `30^\\circ`, `\\%`, a dollar sign): when the truth has a
   unit, the answer may leave it out or must give the same one (`5\\text{ m}` against
-  `5\\text{ cm}` is wrong). A unit the truth lacks is dropped under units="free" (the default,
-  for data whose truths had their units stripped, such as the MATH train set: `30^\\circ`,
-  `5\\text{ cm}`, `10\\%`, `\\$5` against 30, 5, 10, 5 score 1) and makes the answer wrong
-  under units="strict" (for truths that keep their units).
+  `5\\text{ cm}` is wrong). A unit the truth lacks makes the answer wrong under units="strict"
+  (the default: an answer says more than the truth) and is dropped under units="free", for data
+  whose truths had their units stripped, such as the MATH sets (`30^\\circ`, `5\\text{ cm}`,
+  `10\\%`, `\\$5` against 30, 5, 10, 5 score 1; the run config's `reward.units`).
 """
 
 import collections
@@ -58,7 +58,7 @@ class MathRewards:
             "timeouts": self.timeouts}
 
 
-def verify_answer(answer: str, ground_truth: str, units: str = "free") -> str:
+def verify_answer(answer: str, ground_truth: str, units: str = "strict") -> str:
   """Compares one boxed answer with the truth in this process: "correct", "wrong" or "unparsable".
 
   No time limit: call it through MathVerifierPool unless the inputs are trusted. Letters, units
@@ -174,7 +174,7 @@ class MathVerifierPool:
   """A pool of math-verify worker processes that scores batches of responses with a deadline."""
 
   def __init__(self, num_workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-               max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS, units: str = "free"):
+               max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS, units: str = "strict"):
     if timeout_s <= 0:
       raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     if units not in UNIT_RULES:
@@ -266,7 +266,7 @@ class MathVerifierPool:
 
 
 def score_math(responses: list[str], ground_truths: list[str], timeout_s: float = DEFAULT_TIMEOUT_S,
-               num_workers: int | None = None, units: str = "free") -> MathRewards:
+               num_workers: int | None = None, units: str = "strict") -> MathRewards:
   """One-off batch scoring with a temporary pool (keep a MathVerifierPool open in a loop)."""
   with MathVerifierPool(num_workers, timeout_s, units=units) as pool:
     return pool.score(responses, ground_truths)

@@ -160,8 +160,8 @@ VERIFIER_TABLE = [
     ("\\boxed{7\\mathrm{x}}", "7x", 1),
     ("\\boxed{A^{\\mathrm{T}}}", "A^T", 1),
     ("\\boxed{\\frac{\\mathrm{d}y}{\\mathrm{d}x}}", "\\frac{dy}{dx}", 1),
-    # Units (units="free", the default): the truth's unit may be left out or given the same way;
-    # a unit the truth lacks is dropped; a different unit is wrong.
+    # Units (the table's pool has units="free"): the truth's unit may be left out or given the
+    # same way; a unit the truth lacks is dropped; a different unit is wrong.
     ("\\boxed{5\\text{ cm}}", "5\\text{ centimeters}", 1),
     ("\\boxed{5}", "5\\text{ cm}", 1),
     ("\\boxed{5\\text{ m}}", "5\\text{ cm}", 0),
@@ -227,7 +227,8 @@ STRICT_UNITS_TABLE = [
 
 @pytest.fixture(scope="module")
 def pool():
-  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S) as verifier_pool:
+  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S,
+                                    units="free") as verifier_pool:
     yield verifier_pool
 
 
@@ -246,6 +247,11 @@ def strict_pool():
 @pytest.mark.parametrize("response, truth, expected", STRICT_UNITS_TABLE)
 def test_strict_units_table(strict_pool, response, truth, expected):
   assert strict_pool.score([response], [truth]).rewards.tolist() == [expected]
+
+
+def test_units_are_strict_unless_the_task_says_they_are_free():
+  assert math_reward.verify_answer("7\\,\\mathrm{cm}", "7") == "wrong"
+  assert math_reward.verify_answer("7\\,\\mathrm{cm}", "7", units="free") == "correct"
 
 
 def test_an_unknown_unit_rule_is_an_error():
