@@ -22,21 +22,30 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (conf
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoints/N directory.")
 _JSON = flags.DEFINE_bool("json", False, "Print the results as JSON.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a user error.")
 flags.mark_flag_as_required("config")
 
 
 def main(argv):
+  from prerl_jax import errors  # pylint: disable=import-outside-toplevel
+  with errors.exit_on_user_error("evaluate.py", _VERBOSE.value):
+    _evaluate(argv)
+
+
+def _evaluate(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv):
     logging.set_verbosity(logging.WARNING)
   # pylint: disable=import-outside-toplevel
   from flax import nnx
+  from configs import common
   from prerl_jax.evals import evaluation
   from prerl_jax.training.checkpointing import Checkpointer
   from prerl_jax.training.evaluator import Evaluator
   from prerl_jax.training.run_logging import RunLogger
   config = _CONFIG.value
+  common.check_config(config, devices=jax.devices())
   step, run_dir = 0, config.train.run_dir.format(name=config.name)
   if _CHECKPOINT.value:
     directory = os.path.abspath(_CHECKPOINT.value.rstrip("/"))

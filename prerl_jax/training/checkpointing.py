@@ -125,8 +125,13 @@ class Checkpointer:
     """The train state's params alone at `step` (no optimizer state or data state is read),
     placed with the shardings of `abstract_params`' leaves."""
     target = {"params": _abstract(abstract_params)}
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, partial_restore=True)))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(target, partial_restore=True)))
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      _drop_reports_of_abandoned_reads()
+      raise UserError(f"{self.path(step)} cannot be read ({_first_line(error)}): evaluate "
+                      f"another step of {self._manager.directory}") from error
     return restored["state"]["params"]
 
   def wait(self) -> None:

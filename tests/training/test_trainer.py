@@ -288,6 +288,20 @@ def test_evaluate_cli_reads_the_latest_checkpoint(model_dir, uninterrupted):
   assert set(result["pass_at_k"]) == {"1", "2"}
 
 
+def test_evaluate_cli_names_an_unreadable_checkpoint_in_one_line(model_dir, uninterrupted,
+                                                                 tmp_path):
+  run_dir = _copy_with_truncated_checkpoints(uninterrupted, str(tmp_path / "cut"), 4)
+  command = [sys.executable, os.path.join(run_fixtures.REPO_ROOT, "launch", "evaluate.py"),
+             "--config=configs/w_reinforce.py", f"--checkpoint={run_dir}", "--json",
+             *run_fixtures.tiny_run_overrides(model_dir, run_dir),
+             "--config.eval.samples_per_problem=2", "--config.eval.max_new_tokens=4"]
+  result = subprocess.run(command, cwd=run_fixtures.REPO_ROOT, env=_env(1), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"evaluate.py: {run_dir}/checkpoints/4 cannot be read"), last
+
+
 def test_continuous_rollout_engine_trains_with_sampler_logps_of_the_trainer(model_dir, tmp_path):
   """Two steps with `rollout.engine=continuous` on 4 live rows (the 4 samples of the second
   prompt wait for the first's rows): the sampler's log-probs match the trainer's within 1e-4."""
