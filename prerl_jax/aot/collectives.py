@@ -332,8 +332,9 @@ class _Counter:
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
     if known:
       return int(known.group(1))
-    modules = self.module.computations
-    condition, body = modules[loop.attribute("condition")], modules[loop.attribute("body")]
+    computations = self.module.computations
+    condition = computations[loop.attribute("condition")]
+    body = computations[loop.attribute("body")]
     in_loop = lambda k: _LOOP
     body_root = body.instructions[body.root]
 
