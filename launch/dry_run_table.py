@@ -1,6 +1,6 @@
 """Writes docs/dry_run_table.md: dry runs of the paper-scale DSRL config per model and target.
 
-`python launch/dry_run_table.py [--targets=v5p-16,v5p-32,v5p-64,v6e-16,h100x8]
+`python launch/dry_run_table.py [--targets=v5p-16,v5p-32,v5p-64,v6e-16,h100x8,h200x8]
 [--models=qwen3-4b,qwen3-8b] [--tuned=model:target:key=value,...;...] [--cache_dir=DIR]`: one
 dry run (prerl_jax/aot/dry_run.py) per (model, target), all chips on fsdp, plus the `--tuned`
 cells (the preset with a few settings changed, for targets where it does not fit). Each report is
@@ -18,31 +18,38 @@ sys.path.insert(0, ROOT)
 GIB = 2**30
 
 NOTES = (
-    "Reading it: memory is per chip. TPU rows come from libtpu's compiler for the real topology "
-    "(its memory analysis; a program it refuses for lack of HBM shows the arguments plus the "
-    "temporaries it asked for, marked `>=`, a lower bound). The h100x8 rows are SIMULATED: "
-    "XLA:CPU's buffer assignment on 8 CPU devices, not the GPU compiler's. The sampler is the "
-    "paper preset's continuous engine (64 live rows, a 32 GiB page pool per chip): a 512-token "
-    "prefill chunk and a 16-step decode chunk; its peak is the larger, with the optimizer state "
-    "that stays resident while sampling. Times: per program, runs x max(FLOPs / bf16 peak, "
-    "modelled HBM bytes / bandwidth), no communication; FLOPs counted through every loop "
-    "iteration, except inside Pallas kernels (splash and paged attention: not counted). Every "
-    "response is assumed to reach the 8192-token cap (an upper bound), so a chip's pool holds "
-    "only as many groups of 8 at full length as fit (3 groups, 24 sequences, in 32 GiB) and the "
-    "decode runs in waves; the engine splits its rows and pool over the fsdp chips (each chip "
-    "decodes its own groups: 128 prompts take 6 waves on 8 chips, 2 on 32), and kv heads over "
-    "tensor. The update is compiled at the full "
-    "8192-token width with `model.attention=auto` (splash on TPU, chunked when simulated). "
-    "\"knob\" is the first advice of the dry run for the program that misses by most.")
+    "Reading it: memory is per chip. TPU rows come from libtpu's compiler for the real topology, "
+    "GPU rows from XLA:GPU's compiler run deviceless for sm_90 (the CUDA plugin; no autotuning, "
+    "so GEMM tiles are XLA's defaults: right for memory, not for timing); a program a compiler "
+    "refuses for lack of HBM shows the arguments plus the temporaries it asked for, marked `>=`, "
+    "a lower bound. The sampler is the paper preset's continuous engine (64 live rows and a "
+    "32 GiB page pool per batch shard): a 512-token prefill chunk and a 16-step decode chunk; its "
+    "peak is the larger, with the optimizer state that stays resident while sampling. It decodes "
+    "from the weights in the layout the `weights` column names: `trainer` is the trainer's fsdp "
+    "float32 parameters, cast to bfloat16 inside the program, so every decode step all-gathers "
+    "each layer's weights and the embedding table. Times per program: runs x (max(FLOPs / bf16 "
+    "peak, modelled HBM bytes / bandwidth) + communication), shown as compute-or-memory + "
+    "communication; communication is the bytes every collective moves into a chip, read from the "
+    "compiled program through every loop trip (prerl_jax/aot/collectives.py), over half the "
+    "chip's bidirectional interconnect bandwidth (ICI: v5p 1,200, v6e 800 GB/s; NVLink 900 GB/s), "
+    "not overlapped with compute (`overlapped` is the bound if it all were); the network between "
+    "hosts or slices is not modelled. FLOPs are counted through every loop iteration, except "
+    "inside Pallas kernels (splash and paged attention: not counted). Every response is assumed "
+    "to reach the 8192-token cap (an upper bound on the formula's waves: a chip's pool holds 3 "
+    "groups of 8 at full length in 32 GiB; `--response_lengths` projects measured lengths with "
+    "the engine's own scheduler). The update is compiled at the full 8192-token width with "
+    "`model.attention=auto` (splash on TPU, chunked on GPU, where cuDNN's kernel cannot compile "
+    "without a device). \"knob\" is the first advice of the dry run for the program that misses "
+    "by most.")
 
 
 def _args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--targets", default="v5p-16,v5p-32,v5p-64,v6e-16,h100x8")
+  parser.add_argument("--targets", default="v5p-16,v5p-32,v5p-64,v6e-16,h100x8,h200x8")
   parser.add_argument("--models", default="qwen3-4b,qwen3-8b")
   parser.add_argument(
-      "--tuned", default="qwen3-4b:h100x8:optim.micro_batches=64,rollout.kv_cache_gib=16;"
-      "qwen3-8b:h100x8:optim.micro_batches=128,rollout.kv_cache_gib=16",
+      "--tuned", default="qwen3-4b:h100x8:optim.micro_batches=32;"
+      "qwen3-8b:h100x8:optim.micro_batches=64",
       help="extra cells, model:target:key=value,... separated by ';' (settings changed from the "
            "paper preset for a target where it does not fit)")
   parser.add_argument("--cache_dir", default=os.path.join(ROOT, "runs", "dry_run_table"))
@@ -66,13 +73,22 @@ def _row(model: str, report: dict, settings: str = "") -> str:
   worst = max(programs, key=lambda p: p["peak_bytes_per_chip"])
   knob = next((a for a in report["advice"] if a.startswith(worst["name"])), "")
   knob = knob.split(": ", 1)[1].split(" (", 1)[0].split(", or ")[0] if knob else "-"
-  compiler = "libtpu" if report["compiler"] == "tpu" else "SIMULATED (XLA:CPU)"
+  compiler = {"tpu": "libtpu", "xla-gpu": "XLA:GPU"}.get(report["compiler"],
+                                                          "SIMULATED (XLA:CPU)")
   where = f"{report['target']} ({report['chips']} chips)" + (f", {settings}" if settings else "")
-  return (f"| {model} | {where} | {compiler} | "
+  counted = [p for p in programs if p["stage"] == "sample"] + [
+      max((p for p in programs if p["stage"] == "update"), key=lambda p: p["projected_s"])]
+  seconds = {stage: [sum(p["projected_s"] - (p["comm_s"] or 0.0) for p in counted
+                      if p["stage"] == stage),
+                  sum(p["comm_s"] or 0.0 for p in counted if p["stage"] == stage)]
+          for stage in ("sample", "update")}
+  split = lambda stage: f"{seconds[stage][0]:.0f} + {seconds[stage][1]:.0f}"
+  return (f"| {model} | {where} | {compiler} | {report.get('rollout_weights', 'trainer')} | "
           f"{(b['params'] + b['opt_state']) / GIB:.1f} | {b['kv_cache'] / GIB:.1f} | "
           f"{_gib(sampler)} | {_gib(train)} | {report['peaks']['hbm_bytes'] / GIB:.1f} | "
-          f"{'yes' if report['fits'] else 'no'} | {knob} | {report['projected_sample_s']:.0f} | "
-          f"{report['projected_update_s']:.0f} | {report['projected_step_s']:.0f} |")
+          f"{'yes' if report['fits'] else 'no'} | {knob} | {split('sample')} | "
+          f"{split('update')} | {report['projected_step_s']:.0f} | "
+          f"{report['projected_step_overlapped_s']:.0f} |")
 
 
 def main():
@@ -108,9 +124,10 @@ def main():
     print(timings[-1], flush=True)
     rows.append(_row(model, report, settings))
   header = [
-      "| model | target | compiler | params + Adam GiB/chip | KV pool GiB/chip | sampler peak "
-      "GiB/chip | train peak GiB/chip | HBM GiB | fits | knob | sample s | update s | step s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| model | target | compiler | weights | params + Adam GiB/chip | KV pool GiB/chip | "
+      "sampler peak GiB/chip | train peak GiB/chip | HBM GiB | fits | knob | sample s (compute or "
+      "memory + comm) | update s (compute or memory + comm) | step s | step s overlapped |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   command = (f"python launch/dry_run_table.py --targets={args.targets} --models={args.models} "
              f"--tuned='{args.tuned}'")

@@ -3,8 +3,9 @@
 Nothing is allocated and no weights or data are read: parameters, optimizer state, prompts and
 the train batch are `jax.ShapeDtypeStruct`s carrying their shardings (shapes from the model
 preset and the run config), and each program is lowered and compiled for the target's devices:
-libtpu's compiler on the real topology for a TPU target, simulated host CPU devices for a GPU
-target (`targets.py`). The programs are the ones the trainer runs, built by the same code: the
+libtpu's compiler on the real topology for a TPU target, XLA:GPU's compiler (deviceless, through
+the CUDA plugin) for a GPU target, or simulated host CPU devices where the plugin is absent
+(`targets.py`). The programs are the ones the trainer runs, built by the same code: the
 sampler's (`Sampler.trace`) and each schedule phase's train step with its micro-batching
 (`make_train_step`). `step_programs` lists them; a new program is one more entry there.
 

@@ -82,12 +82,14 @@ def _gib(x: float) -> str:
 def format_report(report: dict) -> str:
   """A short human summary; every line of a simulated (GPU) target says it is simulated."""
   b, m, peaks = report["bytes_per_chip"], report["model"], report["peaks"]
-  where = (f"libtpu compiler, {report['chips']} x {report['chip']}"
-           if report["compiler"] == "tpu" else
-           f"SIMULATED on {report['chips']} XLA:CPU devices, not the {report['chip']} compiler")
+  where = {"tpu": f"libtpu compiler, {report['chips']} x {report['chip']}",
+           "xla-gpu": f"XLA:GPU compiler (deviceless), {report['chips']} x {report['chip']}"}.get(
+               report["compiler"],
+               f"SIMULATED on {report['chips']} XLA:CPU devices, not the {report['chip']} compiler")
   lines = [
       f"dry run {report['target']} ({where}): {m['num_layers']} layers, hidden "
-      f"{m['hidden_size']}, params {m['param_dtype']}, compute {m['dtype']}, remat={m['remat']};"
+      f"{m['hidden_size']}, params {m['param_dtype']}, compute {m['dtype']}, remat={m['remat']},"
+      f" attention={m['attention']};"
       f" mesh {report['mesh']}; {report['rows']} rows, prompt {report['prompt_width']}, new "
       f"tokens {report['max_new_tokens']}, micro-batches {report['micro_batches']}",
       f"per chip (GiB): params {_gib(b['params'])}, optimizer state {_gib(b['opt_state'])}, "
@@ -121,6 +123,6 @@ def format_report(report: dict) -> str:
   lines += [response_lengths.summary_line(report["lengths"])] if "lengths" in report else []
   lines.append(f"fits: {'yes' if report['fits'] else 'NO'}")
   lines += [f"does not fit: {note}" for note in report["advice"]]
-  if report["compiler"] != "tpu":
+  if report["compiler"] == "simulated":
     lines = [f"[simulated] {line}" for line in lines]
   return "\n".join(lines)
