@@ -16,6 +16,7 @@ from ml_collections import config_dict
 
 from prerl_jax.data import datasets, padding
 from prerl_jax.errors import UserError
+from prerl_jax.generate import rollout_weights
 from prerl_jax.models import attention, presets, remat
 from prerl_jax.rewards import math_reward
 from prerl_jax.rl.objective import Objective
@@ -221,6 +222,10 @@ SETTINGS = dict(
         kv_cache_gib=S(0.0, rules.number(0, note="0: room for every live row")),
         page_size=S(16, rules.integer(1)),
         chunk_steps=S(16, rules.integer(1)),
+        # The weights the sampler decodes from (docs/configs.md): a copy in the compute dtype,
+        # replicated or split over a tensor axis, made once per step; "trainer" decodes from the
+        # trainer's params; "auto" picks (prerl_jax/generate/rollout_weights.py).
+        weights=S("auto", rules.one_of(*rollout_weights.LAYOUTS)),
     ),
     optim=dict(
         learning_rate=S(1e-5, rules.number(above=0)),

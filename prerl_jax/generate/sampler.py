@@ -320,14 +320,15 @@ class Sampler:
 
   Usage: `sampler = Sampler(model, mesh)`, then per step
   `sampler.sample(state, tokens_BxP, mask_BxP, key, config)` with `state = nnx.state(model)`
-  (the current parameters) and prompts from `prompt_batch`. Under a mesh the prompt batch is
-  split over the `data` and `fsdp` axes and the parameters are sharded by `rules`.
+  (the current parameters) or its rollout copy (`rollout_weights`: on the copy's mesh, which
+  is then the sampler's), and prompts from `prompt_batch`. Under a mesh the prompt batch is
+  split over the `data` and `fsdp` axes; the parameters are read as they are placed.
   `kernels` is "auto", "xla" or "cpu" (module docstring); `self.kernels` is the choice.
   """
 
   def __init__(self, model: Decoder, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
                kernels: str = "auto"):
-    self.graphdef, state = nnx.split(model)
+    self.graphdef = nnx.graphdef(model)
     self.model_config = model.config
     self.mesh = mesh
     self.rules = rules
@@ -344,8 +345,7 @@ class Sampler:
     self._batch_devices = sharding.batch_devices(mesh, rules)
     self._program = jax.jit(
         program, static_argnums=static,
-        in_shardings=(sharding.state_shardings(state, mesh, rules), prompts, prompts,
-                      sharding.replicated(mesh)),
+        in_shardings=(None, prompts, prompts, sharding.replicated(mesh)),  # State as placed.
         out_shardings=SampleOutput(tokens_NxM=prompts, lengths_N=rows, logprobs_NxM=prompts,
                                    truncated_N=rows, prompt_tokens_NxP=prompts,
                                    prompt_mask_NxP=prompts))

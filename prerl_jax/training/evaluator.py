@@ -2,6 +2,9 @@
 
 The trainer builds one and evaluates its current params with it; `launch/evaluate.py` builds one
 alone and evaluates params restored from a checkpoint (no optimizer state is built or read).
+Sampling runs from the rollout copy of the params (`rollout.weights`,
+`prerl_jax.generate.rollout_weights`) on the copy's mesh; an evaluation makes its copy and drops
+it when it returns.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ from prerl_jax.data import prompts
 from prerl_jax.data.task_data import load_task_data
 from prerl_jax.evals import evaluation
 from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
+from prerl_jax.generate.rollout_weights import RolloutWeights, device_hbm_bytes
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
 from prerl_jax.models.loading import load_model
 from prerl_jax.training import caches
@@ -24,7 +28,8 @@ ROLLOUT_ENGINES = ("static", "continuous")
 
 
 def rollout_sampler(model, mesh, rollout: ml_collections.ConfigDict):
-  """The sampler `rollout.engine` names: `Sampler`, or `ContinuousSampler` over a page pool."""
+  """The sampler `rollout.engine` names on `mesh` (the rollout copy's): `Sampler`, or
+  `ContinuousSampler` over a page pool."""
   if rollout.engine not in ROLLOUT_ENGINES:
     raise ValueError(f"rollout.engine={rollout.engine!r}: expected one of {ROLLOUT_ENGINES}")
   if rollout.engine == "static":
@@ -47,7 +52,9 @@ class Evaluator:
         attention=model_cfg.attention, allow_unused_weights=model_cfg.allow_unused_weights)
     self.data = load_task_data(config.data, config.reward)
     rollout = config.rollout
-    self.sampler = rollout_sampler(self.model, self.mesh, rollout)
+    self.rollout_weights = RolloutWeights.build(rollout.weights, self.model.config, self.mesh,
+                                                device_hbm_bytes(self.mesh))
+    self.sampler = rollout_sampler(self.model, self.rollout_weights.mesh, rollout)
     self.sampling = SamplingConfig.from_tokenizer(
         self.tokenizer, rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, n=rollout.group_size)
@@ -67,20 +74,24 @@ class Evaluator:
     return dataclasses.replace(self.sampling, max_new_tokens=ev.max_new_tokens,
                                temperature=ev.temperature, greedy=ev.temperature == 0)
 
-  def generate(self, params, sampling: SamplingConfig, key):
-    """An evaluation.Generate over `params` (a fixed key for comparable evals)."""
+  def generate(self, weights, sampling: SamplingConfig, key):
+    """An evaluation.Generate over `weights`, the rollout copy of the params
+    (`self.rollout_weights.copy(params)`), with a fixed key for comparable evals."""
+    mesh = self.rollout_weights.mesh
+
     def generate(prompt_ids, n):
       config = dataclasses.replace(sampling, n=n)
-      tokens, mask = sharding.shard_batch(prompt_batch(prompt_ids, config), self.mesh)
-      with jax.set_mesh(self.mesh):  # As the trainer samples: kernels see the mesh.
-        out = sharding.to_host(self.sampler.sample(params, tokens, mask, key, config))
+      tokens, mask = sharding.shard_batch(prompt_batch(prompt_ids, config), mesh)
+      with jax.set_mesh(mesh):  # As the trainer samples: kernels see the mesh.
+        out = sharding.to_host(self.sampler.sample(weights, tokens, mask, key, config))
       texts = self.decode(out.tokens_NxM, out.lengths_N)
       return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
     return generate
 
   def sample_responses(self, params, problems, n: int = 1, seed: int = 0) -> list[list[str]]:
     """n responses to each problem from `params`, with the evaluation settings."""
-    generate = self.generate(params, self.eval_sampling(), jax.random.key(seed))
+    generate = self.generate(self.rollout_weights.copy(params), self.eval_sampling(),
+                             jax.random.key(seed))
     return generate([self.encode(p).ids for p in problems], n)
 
   def evaluate(self, params, step: int, logger=None,
@@ -88,7 +99,7 @@ class Evaluator:
     """Evaluates every eval set on `params`; logs `eval/<set>/...` at `step` to `logger` and
     writes `eval_step_<step>.json` under run_dir where given."""
     ev = self.config.eval
-    generate = self.generate(params, self.eval_sampling(),
+    generate = self.generate(self.rollout_weights.copy(params), self.eval_sampling(),
                              jax.random.key(self.config.train.seed + 10_000))
     results = []
     for name, problems in self.data.eval_sets:

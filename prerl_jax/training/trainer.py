@@ -149,17 +149,27 @@ class Trainer:
 
   def _rollout(self, batch, step: int):
     """Samples G responses per prompt and scores them; returns (host RolloutBatch, host
-    metrics, texts)."""
+    metrics, texts).
+
+    Samples from the rollout copy of the params (`rollout.weights`), made here by one
+    resharding transfer (`time/reshard`) and dropped when this returns, before the update.
+    """
     cfg = self.config
     times = {}
+    start = time.perf_counter()
+    rollout_weights = self.evaluator.rollout_weights
+    weights = jax.block_until_ready(rollout_weights.copy(self.state.params))
+    times["time/reshard"] = time.perf_counter() - start
     start = time.perf_counter()
     prompt_ids = [row[-length:] for row, length in zip(batch["prompt_ids"],
                                                        batch["prompt_lengths"])]
     tokens_BxP, mask_BxP = sharding.shard_batch(prompt_batch(prompt_ids, self.sampling),
-                                                self.mesh)
+                                                rollout_weights.mesh)
     key = jax.random.fold_in(self.state.rng, step)
-    out = sharding.to_host(
-        self.sampler.sample(self.state.params, tokens_BxP, mask_BxP, key, self.sampling))
+    with jax.set_mesh(rollout_weights.mesh):
+      out = sharding.to_host(
+          self.sampler.sample(weights, tokens_BxP, mask_BxP, key, self.sampling))
+    del weights  # Dropped before scoring and the update, which takes its memory.
     lengths_N, truncated_N = out.lengths_N, out.truncated_N
     times["time/sample"] = time.perf_counter() - start
 
@@ -215,9 +225,10 @@ class Trainer:
   def train_step(self, step: int, batch) -> tuple[dict, list[str]]:
     """One RL step on a prompt batch: sample, score, update by the phase of `step`.
 
-    Returns (metrics with `time/{sample,score,update,step}`, the decoded responses). Runs under
-    the run's mesh (`jax.set_mesh`), so kernels that need it in context (splash attention under
-    `model.attention=auto` on TPU) are traced with it.
+    Returns (metrics with `time/{reshard,sample,score,update,step}`, the decoded responses).
+    Runs under the run's mesh (`jax.set_mesh`; sampling under the rollout copy's), so kernels
+    that need it in context (splash attention under `model.attention=auto` on TPU) are traced
+    with it.
     """
     with jax.set_mesh(self.mesh):
       return self._train_step(step, batch)
@@ -234,7 +245,8 @@ class Trainer:
     self.state, metrics = update(self.state, self._layout(rollout, phase.objective, both_spaces))
     metrics = sharding.to_host(metrics)
     host["time/update"] = time.perf_counter() - start
-    host["time/step"] = host["time/sample"] + host["time/score"] + host["time/update"]
+    host["time/step"] = sum(host[f"time/{part}"]
+                            for part in ("reshard", "sample", "score", "update"))
     host["sample/tokens_per_s"] = host["sample/tokens"] / host["time/sample"]
     host["phase"] = self.schedule.phases.index(phase)
     host["objective"] = phase.objective.name
