@@ -222,6 +222,10 @@ class ContinuousSampler:
   does: "xla" (`paged_forward`, layers under scan) or "cpu" (`cpu_paged_decode`: the C++ kernels
   for one float32 CPU device, layers unrolled over weights packed once per `sample` call);
   "auto" takes "cpu" where it applies. `self.kernels` is the choice.
+
+  `sample` reads the parameters as they are placed: the trainer's (cast to the compute dtype in
+  every program), or their rollout copy (`rollout_weights`) on the copy's mesh, which is then
+  `mesh` (a replicated copy leaves the decode no weight to gather).
   """
 
   def __init__(self, model: Decoder, pool: PoolConfig = PoolConfig(), mesh: Mesh | None = None,
