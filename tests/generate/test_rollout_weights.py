@@ -1,18 +1,20 @@
 """The rollout copy of the weights (generate/rollout_weights.py): the layout rule, the meshes and
 shardings of each layout, the copy, and the samplers run from it on 8 CPU devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import PartitionSpec as P
 
 import run_fixtures
 import tiny_models
 from prerl_jax import sharding
 from prerl_jax.aot import collectives
-from prerl_jax.generate import rollout_weights
+from prerl_jax.generate import continuous, rollout_weights
 from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.rollout_weights import RolloutWeights
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
@@ -70,6 +72,8 @@ def test_auto_layout_rule():
 
 
 def test_meshes_keep_the_device_order():
+  """The sampler's meshes are the trainer's devices in its order; the tensor one splits the
+  page pool's kv heads over its tensor axis."""
   devices = list(sharding.make_mesh(2, 4, 1).devices.flat)
   trainer = sharding.make_mesh(2, 4, 1)
   assert rollout_weights.rollout_mesh(trainer, "trainer") is trainer
@@ -79,6 +83,8 @@ def test_meshes_keep_the_device_order():
   assert list(tensor.devices.flat) == devices
   assert dict(rollout_weights.rollout_mesh(sharding.make_mesh(1, 8, 1), "tensor", 2).shape) == {
       "data": 1, "fsdp": 4, "tensor": 2}
+  pool = continuous.abstract_pool(PoolConfig(rows=2, page_size=4), TINY, 8, 8, tensor)
+  assert pool.sharding.spec[1] == ("data", "fsdp") and pool.sharding.spec[3] == "tensor"
   folded = rollout_weights.rollout_mesh(sharding.make_mesh(1, 4, 2), "replicated")
   assert dict(folded.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
   with pytest.raises(ValueError, match="a tensor axis of 3 does not divide the 8 devices"):
@@ -88,26 +94,24 @@ def test_meshes_keep_the_device_order():
 def test_shardings_follow_the_logical_axes():
   trainer_mesh = sharding.make_mesh(1, 8, 1)
   params = rollout_weights.abstract_params(TINY)
-  specs = lambda plan: {name: plan.shardings["layers"][name].get_value().spec
-                        for name in ("wq", "wk", "wo", "w_gate", "w_down", "attn_norm")} | {
-      "embed": plan.shardings["embed"].get_value().spec,
-      "lm_head": plan.shardings["lm_head"].get_value().spec}
+  spec = lambda plan, *path: functools.reduce(lambda node, key: node[key], path,
+                                              plan.shardings).get_value().spec
   tensor = RolloutWeights.build("tensor", TINY, trainer_mesh)
-  assert specs(tensor) == {
-      "wq": PartitionSpec(None, None, "tensor", None), "wk": PartitionSpec(None, None, "tensor",
-                                                                           None),
-      "wo": PartitionSpec(None, "tensor", None, None), "w_gate": PartitionSpec(None, None,
-                                                                               "tensor"),
-      "w_down": PartitionSpec(None, "tensor", None), "attn_norm": PartitionSpec(None, None),
-      "embed": PartitionSpec("tensor", None), "lm_head": PartitionSpec(None, "tensor")}
+  expected = {("layers", "wq"): P(None, None, "tensor", None),
+              ("layers", "wk"): P(None, None, "tensor", None),
+              ("layers", "wo"): P(None, "tensor", None, None),
+              ("layers", "w_gate"): P(None, None, "tensor"),
+              ("layers", "w_down"): P(None, "tensor", None),
+              ("layers", "attn_norm"): P(None, None),
+              ("embed",): P("tensor", None), ("lm_head",): P(None, "tensor")}
+  assert {path: spec(tensor, *path) for path in expected} == expected
   replicated = RolloutWeights.build("replicated", TINY, trainer_mesh)
   assert all(s.is_fully_replicated for s in jax.tree.leaves(replicated.shardings))
   assert replicated.dtype == jnp.bfloat16 and tensor.mesh.shape["tensor"] == 2
   trainer = RolloutWeights.build("trainer", TINY, trainer_mesh)
   assert jax.tree.leaves(trainer.shardings) == jax.tree.leaves(
       sharding.state_shardings(params, trainer_mesh))
-  assert trainer.shardings["layers"]["wq"].get_value().spec == PartitionSpec(None, "fsdp", None,
-                                                                             None)
+  assert spec(trainer, "layers", "wq") == P(None, "fsdp", None, None)
 
 
 @pytest.fixture(scope="module")
