@@ -168,6 +168,13 @@ def _writable_run_dir(run_dir, run):
   return rules.writable_dir_problem(path)
 
 
+def _pool_gib(value) -> str | None:
+  if value == "auto" or rules.number(0)(value) is None:
+    return None
+  return ("must be auto (the HBM left while sampling) or a finite number of GiB >= 0 (0: room "
+          "for every live row)")
+
+
 # Every setting but `objective` (the Objective dataclass checks those): the cpu preset's value,
 # what the key takes alone, and its relations. tpu_run.py checks them all before anything loads.
 S = rules.Setting
@@ -216,10 +223,11 @@ SETTINGS = dict(
         top_p=S(1.0, rules.number(above=0, high=1, note="1: no nucleus truncation")),
         # "static": one program per prompt batch; "continuous": continuous batching over a page
         # pool (docs/continuous_batching.md) of kv_cache_gib GiB per shard (0: room for every
-        # live row at full length), live_rows decode rows per data/fsdp shard.
+        # live row at full length; "auto": the HBM left while sampling, at the first sampling,
+        # prerl_jax/generate/pool_budget.py), live_rows decode rows per data/fsdp shard.
         engine=S("static", rules.one_of(*evaluator.ROLLOUT_ENGINES)),
         live_rows=S(64, rules.integer(1)),
-        kv_cache_gib=S(0.0, rules.number(0, note="0: room for every live row")),
+        kv_cache_gib=S(config_dict.FieldReference(0.0, field_type=object), _pool_gib),
         page_size=S(16, rules.integer(1)),
         chunk_steps=S(16, rules.integer(1)),
         # The weights the sampler decodes from (docs/configs.md): a copy in the compute dtype,

@@ -8,6 +8,7 @@ kept in DIR, so a rerun only compiles the missing cells.
 """
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -22,25 +23,43 @@ NOTES = (
     "GPU rows from XLA:GPU's compiler run deviceless for sm_90 (the CUDA plugin; no autotuning, "
     "so GEMM tiles are XLA's defaults: right for memory, not for timing); a program a compiler "
     "refuses for lack of HBM shows the arguments plus the temporaries it asked for, marked `>=`, "
-    "a lower bound. The sampler is the paper preset's continuous engine (64 live rows and a "
-    "32 GiB page pool per batch shard): a 512-token prefill chunk and a 16-step decode chunk; its "
-    "peak is the larger, with the optimizer state that stays resident while sampling. It decodes "
-    "from the weights in the layout the `weights` column names: `trainer` is the trainer's fsdp "
-    "float32 parameters, cast to bfloat16 inside the program, so every decode step all-gathers "
-    "each layer's weights and the embedding table. Times per program: runs x (max(FLOPs / bf16 "
-    "peak, modelled HBM bytes / bandwidth) + communication), shown as compute-or-memory + "
-    "communication; communication is the bytes every collective moves into a chip, read from the "
-    "compiled program through every loop trip (prerl_jax/aot/collectives.py), over half the "
-    "chip's bidirectional interconnect bandwidth (ICI: v5p 1,200, v6e 800 GB/s; NVLink 900 GB/s), "
-    "not overlapped with compute (`overlapped` is the bound if it all were); the network between "
-    "hosts or slices is not modelled. FLOPs are counted through every loop iteration, except "
-    "inside Pallas kernels (splash and paged attention: not counted). Every response is assumed "
-    "to reach the 8192-token cap (an upper bound on the formula's waves: a chip's pool holds 3 "
-    "groups of 8 at full length in 32 GiB; `--response_lengths` projects measured lengths with "
-    "the engine's own scheduler). The update is compiled at the full 8192-token width with "
-    "`model.attention=auto` (splash on TPU, chunked on GPU, where cuDNN's kernel cannot compile "
-    "without a device). \"knob\" is the first advice of the dry run for the program that misses "
-    "by most.")
+    "a lower bound. The sampler is the paper preset's continuous engine (64 live rows per batch "
+    "shard): a 512-token prefill chunk and a 16-step decode chunk; its peak is the larger, with "
+    "the train state that stays resident while sampling. It decodes from the weights in the "
+    "layout the `weights` column names (`rollout.weights`, prerl_jax/generate/rollout_weights.py):"
+    " `replicated` is a bfloat16 copy whole on every chip and `tensor` one split over a tensor "
+    "axis, made once per step by one resharding program (counted in the sample time, its "
+    "collectives the transfer), so the decode loop reads local weights; `trainer` is the "
+    "trainer's fsdp float32 parameters, cast to bfloat16 inside the program, so every decode "
+    "step all-gathers each layer's weights and the embedding table. The KV pool is "
+    "`rollout.kv_cache_gib` per batch shard; with `auto`, what the chip's HBM leaves: HBM - train "
+    "state - rollout copy - the sampler programs' own bytes (from the compiler) - a margin of "
+    "1 GiB + 5% of HBM (prerl_jax/generate/pool_budget.py). Times per program: runs x "
+    "(max(FLOPs / bf16 peak, modelled HBM bytes / bandwidth) + communication), shown as "
+    "compute-or-memory + communication; communication is the bytes every collective moves into "
+    "a chip, read from the compiled program through every loop trip "
+    "(prerl_jax/aot/collectives.py), over half the chip's bidirectional interconnect bandwidth "
+    "(ICI: v5p 1,200, v6e 800 GB/s; NVLink 900 GB/s), not overlapped with compute (`overlapped` "
+    "is the bound if it all were); the network between hosts or slices is not modelled. FLOPs "
+    "are counted through every loop iteration, except inside Pallas kernels (splash and paged "
+    "attention: not counted). Every response is assumed to reach the 8192-token cap (an upper "
+    "bound: a chip's rows decode as many groups of 8 as its live rows and pool hold at full "
+    "length, in waves; `--response_lengths` projects measured lengths with the engine's own "
+    "scheduler). `sample roofline s` is the sample phase's HBM roofline at that schedule: decode "
+    "steps x (W + R x (P + N / 2) x B) / HBM bandwidth, with W the bfloat16 weights a chip's "
+    "decode step reads, R the live rows of its shard, P the 1024-token prompt, N the 8192-token "
+    "cap and B one position's keys and values on the chip (prerl_jax/aot/dry_run.py). The update "
+    "is compiled at the full 8192-token width with `model.attention=auto` (splash on TPU, "
+    "chunked on GPU, where cuDNN's kernel cannot compile without a device). \"knob\" is the "
+    "first advice of the dry run for the program that misses by most.")
+
+
+def _setting(text: str):
+  """A --tuned value as Python reads it (16, 1e-6, True), else the text (auto)."""
+  try:
+    return ast.literal_eval(text)
+  except (SyntaxError, ValueError):
+    return text
 
 
 def _args():
@@ -87,7 +106,8 @@ def _row(model: str, report: dict, settings: str = "") -> str:
           f"{(b['params'] + b['opt_state']) / GIB:.1f} | {b['kv_cache'] / GIB:.1f} | "
           f"{_gib(sampler)} | {_gib(train)} | {report['peaks']['hbm_bytes'] / GIB:.1f} | "
           f"{'yes' if report['fits'] else 'no'} | {knob} | {split('sample')} | "
-          f"{split('update')} | {report['projected_step_s']:.0f} | "
+          f"{report['projected_sample_roofline_s']:.0f} | {split('update')} | "
+          f"{report['projected_step_s']:.0f} | "
           f"{report['projected_step_overlapped_s']:.0f} |")
 
 
@@ -111,7 +131,7 @@ def main():
       for item in filter(None, settings.split(",")):
         key, value = item.split("=")
         section, name = key.split(".")
-        config[section][name] = type(config[section][name])(value)
+        config[section][name] = _setting(value)
       start = time.perf_counter()
       report = dry_run.dry_run(config, target)
       report["dry_run_s"] = time.perf_counter() - start
@@ -126,8 +146,9 @@ def main():
   header = [
       "| model | target | compiler | weights | params + Adam GiB/chip | KV pool GiB/chip | "
       "sampler peak GiB/chip | train peak GiB/chip | HBM GiB | fits | knob | sample s (compute or "
-      "memory + comm) | update s (compute or memory + comm) | step s | step s overlapped |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "memory + comm) | sample roofline s | update s (compute or memory + comm) | step s | "
+      "step s overlapped |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   command = (f"python launch/dry_run_table.py --targets={args.targets} --models={args.models} "
              f"--tuned='{args.tuned}'")

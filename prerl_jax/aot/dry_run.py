@@ -7,13 +7,22 @@ libtpu's compiler on the real topology for a TPU target, XLA:GPU's compiler (dev
 the CUDA plugin) for a GPU target, or simulated host CPU devices where the plugin is absent
 (`targets.py`). The programs are the ones the trainer runs, built by the same code: the
 sampler's (`Sampler.trace`) and each schedule phase's train step with its micro-batching
-(`make_train_step`). `step_programs` lists them; a new program is one more entry there.
+(`make_train_step`), and the rollout copy of the weights (`rollout_weights.rollout_copy`).
 
-Per chip it reports the state (params, optimizer state, reference, float32 gradients, KV cache),
-exact from the shardings, and per program the compiler's memory analysis: peak = arguments +
-outputs - donated aliases + temporaries + code, plus the train state that stays in HBM beside the
-program (the optimizer state and reference while sampling). A program fits when that is at most
-the chip's HBM.
+Sampling runs as the trainer runs it: from the weights in the layout `rollout.weights` resolves
+to for the target's HBM (generate/rollout_weights.py: a bfloat16 copy, replicated or split over
+a tensor axis, or the trainer's own params), on that layout's mesh. The copy program (cast and
+reshard) is one more sample-stage program, run once per step; its collectives are the resharding
+transfer. While sampling, the train state and the copy stay in HBM beside the sampler programs.
+The continuous engine's pool with `rollout.kv_cache_gib=auto` is what pool_budget.py leaves of
+the chip's HBM (the sampler programs compiled once more, for a pool of one sequence, to measure
+their own bytes); the report's `pool` shows the budget's arithmetic, the pages per shard and the
+rows they feed at the cap, and an explicit kv_cache_gib the engine would refuse at start.
+
+Per chip it reports the state (params, optimizer state, reference, float32 gradients, the
+rollout copy, KV cache), exact from the shardings, and per program the compiler's memory
+analysis: peak = arguments + outputs - donated aliases + temporaries + code, plus the train state
+that stays in HBM beside the program. A program fits when that is at most the chip's HBM.
 
 Projected time (no latency): each program takes runs x (max(FLOPs / bf16 peak, bytes / HBM
 bandwidth) + comm), its communication not overlapped with its work; the fully overlapped bound,
@@ -40,6 +49,21 @@ hundreds of rows one response reaching the cap is the common case, so every deco
 trainer's width when one response is truncated): an upper bound for batches that all stop early.
 Given response lengths (`--response_lengths`, response_lengths.py), the report's `lengths` adds
 the continuous engine's sampling over them, scheduled by the engine's own scheduler on the host.
+
+The sample phase's HBM roofline, `projected_sample_roofline_s`: the bytes a chip must read while
+decoding every response to the cap, over its HBM bandwidth,
+
+    sum over decode steps of (W + R x (P + t) x B) / HBM bandwidth
+      = decode steps x (W + R x (P + N / 2) x B) / HBM bandwidth   (continuous engine)
+
+W: the compute-dtype weights a chip's decode step reads, once per step (the rollout copy it
+holds; for `trainer` the whole model over the tensor axis); R: the live rows of a chip's batch
+shard (the continuous engine: the groups its rows and pool hold at the cap, x group size); P:
+the prompt width; t: the step's position in the response, N / 2 on average; B: one position's
+keys and values on a chip, all layers; decode steps: the cap schedule's (continuous: waves x
+max_new_tokens, rounded up to whole chunks; static: max_new_tokens - 1, every row at once, each
+step reading its segment's whole cache block). It is the decode's modelled HBM traffic alone:
+the projection adds the prefill, the copy, communication, and compute where it exceeds memory.
 """
 
 import dataclasses
@@ -54,10 +78,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from prerl_jax import sharding
+from prerl_jax import errors, sharding
 from prerl_jax.aot import collectives, report as report_lib, targets as targets_lib
 from prerl_jax.aot import response_lengths as response_lengths_lib
-from prerl_jax.generate import continuous as continuous_lib, page_pool, sampler as sampler_lib
+from prerl_jax.generate import continuous as continuous_lib, page_pool, pool_budget
+from prerl_jax.generate import rollout_weights, sampler as sampler_lib
 from prerl_jax.generate.decode import block_shapes, block_sharding
 from prerl_jax.models import presets
 from prerl_jax.models.config import ModelConfig
@@ -81,6 +106,8 @@ class Program:
   hbm_bytes_moved: modelled HBM traffic of one run (module docstring).
   resident_bytes: train state held in HBM beside the program's arguments while it runs.
   runs: how many times a step runs it. Its FLOPs are spread over all of the target's chips.
+  roofline_bytes: of one run of a decode program, the HBM bytes its decode steps must read (the
+  weights once per step, the live rows' keys and values): the sample phase's roofline.
   """
 
   name: str
@@ -91,6 +118,7 @@ class Program:
   while_trips: tuple[int, ...] = ()
   resident_bytes: int = 0
   runs: int = 1
+  roofline_bytes: float = 0.0
 
 
 def per_device_bytes(tree) -> int:
@@ -182,10 +210,11 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
     compiled, status = None, "refused: out of memory"
     memory = {"argument_bytes": arguments, "output_bytes": 0, "alias_bytes": 0,
               "temp_bytes": int(temporaries), "code_bytes": 0}
-    cost, traffic = {}, None
+    cost, traffic, own = {}, None, int(temporaries)
   else:
     status = "compiled"
     stats = compiled.memory_analysis()
+    own = pool_budget.program_bytes(stats)
     memory = {"argument_bytes": stats.argument_size_in_bytes,
               "output_bytes": stats.output_size_in_bytes,
               "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
@@ -217,6 +246,7 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
       "compiler_peak_bytes": compiler_peak,
       "resident_bytes": program.resident_bytes,
       **memory,
+      "program_bytes": own,  # Beyond its arguments (pool_budget.program_bytes).
       "runs": program.runs,
       "flops_per_chip": flops,
       "hbm_bytes_moved_per_chip": program.hbm_bytes_moved,
@@ -225,6 +255,7 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
       "comm_s": program.runs * comm_s if traffic else None,
       "projected_s": program.runs * (max(compute_s, memory_s) + comm_s),
       "projected_overlapped_s": program.runs * max(times.values()),
+      "roofline_s": program.runs * program.roofline_bytes / target.hbm_bandwidth,
       "bound": max(times, key=times.get),
       "compiler_cost_loop_bodies_once": {
           key: float(cost[key]) for key in ("flops", "bytes accessed", "optimal_seconds")
@@ -312,20 +343,12 @@ def step_shapes(config: ml_collections.ConfigDict, mesh, model_config: ModelConf
       lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), state.params)
   width = sampler_lib.SamplingConfig(max_new_tokens=1, pad_id=0).bucket(
       config.data.max_prompt_length)
-  c = model_config
-  if rollout.engine == "continuous":
-    cache = continuous_lib.abstract_pool(continuous_lib.PoolConfig.from_rollout(rollout), c,
-                                         width, rollout.max_new_tokens, mesh)
-  else:
-    cache = [_cache_block(c, rollout.prompts_per_step, width, mesh),
-             _cache_block(c, rows, rollout.max_new_tokens - 1, mesh)] * c.num_layers
   bytes_ = {"params": per_device_bytes(state.params),
             "opt_state": per_device_bytes(state.opt_state),
             "reference": per_device_bytes(state.reference),
-            "gradients": per_device_bytes(grads),
-            "kv_cache": per_device_bytes(cache)}
-  return StepShapes(model=c, mesh=mesh, state=state, graphdef=graphdef, optimizer=optimizer,
-                    rows=rows, prompt_width=width, bytes=bytes_)
+            "gradients": per_device_bytes(grads)}
+  return StepShapes(model=model_config, mesh=mesh, state=state, graphdef=graphdef,
+                    optimizer=optimizer, rows=rows, prompt_width=width, bytes=bytes_)
 
 
 def _cache_block(c: ModelConfig, rows: int, slots: int, mesh) -> dict:
@@ -348,52 +371,144 @@ def _sampling(rollout: ml_collections.ConfigDict) -> sampler_lib.SamplingConfig:
       n=rollout.group_size)
 
 
-def _abstract_key(shapes: StepShapes):
-  return jax.ShapeDtypeStruct(shapes.state.rng.shape, shapes.state.rng.dtype,
-                              sharding=sharding.replicated(shapes.mesh))
+def _abstract_key(mesh):
+  key = jax.eval_shape(jax.random.key, 0)
+  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
 
 
-def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
-  """The programs of the rollout engine the run config names (`rollout.engine`)."""
+@dataclasses.dataclass(frozen=True)
+class RolloutSide:
+  """What the samplers run from, as the trainer makes it (generate/rollout_weights.py).
+
+  weights: the resolved layout, its mesh (the samplers') and the copy's shardings. params: the
+  abstract weights the samplers read (the copy; the trainer's params for `trainer`).
+  copy_bytes: the copy per chip (0 for `trainer`). decode_weights_bytes: the compute-dtype
+  weights one chip's decode step reads. pool: the continuous engine's pool, its pages resolved
+  (None for the static engine); budget: what it was sized from (kv_cache_gib=auto), else None.
+  """
+
+  weights: rollout_weights.RolloutWeights
+  params: object
+  copy_bytes: int
+  decode_weights_bytes: float
+  pool: continuous_lib.PoolConfig | None = None
+  budget: pool_budget.Budget | None = None
+
+  @property
+  def mesh(self):
+    return self.weights.mesh
+
+
+def rollout_side(config: ml_collections.ConfigDict, shapes: StepShapes,
+                 target: targets_lib.Target) -> RolloutSide:
+  """The rollout weights of `config.rollout.weights` resolved for the target's HBM; for the
+  continuous engine with kv_cache_gib=auto, the pool its budget leaves (pool_budget.py: the
+  sampler programs are compiled once for a pool of one sequence to measure their own bytes)."""
+  plan = rollout_weights.RolloutWeights.build(config.rollout.weights, shapes.model, shapes.mesh,
+                                              target.hbm_bytes)
+  if plan.layout == "trainer":
+    side = RolloutSide(plan, shapes.state.params, 0, _compute_weights_bytes(shapes))
+  else:
+    copy_bytes = plan.bytes_per_chip(shapes.model)
+    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, plan.dtype, sharding=s),
+                          shapes.state.params, plan.shardings)
+    side = RolloutSide(plan, params, copy_bytes, copy_bytes)
+  if config.rollout.engine != "continuous":
+    return side
+  pool = continuous_lib.PoolConfig.from_rollout(config.rollout)
+  if pool.kv_cache_gib != "auto":
+    return dataclasses.replace(side, pool=pool)
+  with jax.set_mesh(side.mesh):
+    program_bytes = pool_budget.sampler_program_bytes(
+        _continuous_sampler(shapes, side, pool), side.params, _abstract_key(side.mesh),
+        _sampling(config.rollout), shapes.prompt_width, target.compile_options)
+  budget = _budget(shapes, side, target, program_bytes)
+  pages = pool_budget.pool_pages(budget, shapes.model, pool.page_size, side.mesh)
+  return dataclasses.replace(side, pool=dataclasses.replace(pool, pages=pages), budget=budget)
+
+
+def _budget(shapes: StepShapes, side: RolloutSide, target: targets_lib.Target,
+            program_bytes: float) -> pool_budget.Budget:
+  state = shapes.bytes["params"] + shapes.bytes["opt_state"] + shapes.bytes["reference"]
+  return pool_budget.Budget(target.hbm_bytes, state, side.copy_bytes, program_bytes)
+
+
+def _continuous_sampler(shapes: StepShapes, side: RolloutSide,
+                        pool: continuous_lib.PoolConfig) -> continuous_lib.ContinuousSampler:
+  return continuous_lib.ContinuousSampler(nnx.merge(shapes.graphdef, side.params), pool,
+                                          side.mesh)
+
+
+def _sampler_resident_bytes(shapes: StepShapes, side: RolloutSide) -> int:
+  """Train state held beside a sampler program's arguments: all of it beside a copy; the
+  optimizer state and reference where the samplers read the trainer's params."""
+  state = shapes.bytes["opt_state"] + shapes.bytes["reference"]
+  return state + (shapes.bytes["params"] if side.weights.layout != "trainer" else 0)
+
+
+def copy_programs(shapes: StepShapes, side: RolloutSide) -> list[Program]:
+  """The rollout copy (`rollout_weights.rollout_copy`: cast and reshard, once per step), where
+  the layout makes one. It reads each chip's share of the params and writes its copy."""
+  if side.weights.layout == "trainer":
+    return []
+  plan = side.weights
+  traced = jax.jit(lambda params: rollout_weights.rollout_copy(
+      params, plan.shardings, plan.dtype)).trace(shapes.state.params)
+  return [Program("rollout:copy", "sample", traced, (shapes.state.params,),
+                  shapes.bytes["params"] + side.copy_bytes,
+                  resident_bytes=shapes.bytes["opt_state"] + shapes.bytes["reference"])]
+
+
+def sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes,
+                     side: RolloutSide) -> list[Program]:
+  """The programs of the rollout engine the run config names (`rollout.engine`), on the
+  rollout weights' mesh and reading them."""
   if config.rollout.engine == "continuous":
-    return continuous_sampler_programs(config, shapes)
-  return static_sampler_programs(config, shapes)
+    return continuous_sampler_programs(config, shapes, side)
+  return static_sampler_programs(config, shapes, side)
 
 
-def static_sampler_programs(config: ml_collections.ConfigDict,
-                            shapes: StepShapes) -> list[Program]:
+def static_sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes,
+                            side: RolloutSide) -> list[Program]:
   """The static sampler's program as the trainer runs it (XLA's decode code, as on an
   accelerator)."""
-  rollout, mesh, c = config.rollout, shapes.mesh, shapes.model
-  model = nnx.merge(shapes.graphdef, shapes.state.params)
+  rollout, mesh, c = config.rollout, side.mesh, shapes.model
+  model = nnx.merge(shapes.graphdef, side.params)
   sampler = sampler_lib.Sampler(model, mesh, kernels="xla")
   prompts = jax.ShapeDtypeStruct((rollout.prompts_per_step, shapes.prompt_width), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, 2))
-  arguments = (shapes.state.params, prompts, prompts.update(dtype=jnp.bool_))
-  traced = sampler.trace(*arguments, _abstract_key(shapes), _sampling(rollout))
+  arguments = (side.params, prompts, prompts.update(dtype=jnp.bool_))
+  traced = sampler.trace(*arguments, _abstract_key(mesh), _sampling(rollout))
   # Each decode step reads the compute-dtype weights and the blocks it attends over: the prompt
   # block, the blocks of earlier segments and its own segment's whole block.
   segments = sampler_lib.decode_segments(rollout.max_new_tokens)
-  weights = _compute_weights_bytes(shapes)
+  weights = side.decode_weights_bytes
   block = lambda rows, slots: c.num_layers * per_device_bytes(_cache_block(c, rows, slots, mesh))
   attended = block(rollout.prompts_per_step, shapes.prompt_width)
-  moved = weights  # The prefill.
+  decode = 0.0
   for first, end in segments:
     attended += block(shapes.rows, end - first)
-    moved += (end - first) * (weights + attended)
-  resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
-  return [Program("sampler", "sample", traced, arguments, moved,
+    decode += (end - first) * (weights + attended)
+  return [Program("sampler", "sample", traced, arguments, weights + decode,
                   while_trips=tuple(end - first for first, end in segments),
-                  resident_bytes=resident)]
+                  resident_bytes=_sampler_resident_bytes(shapes, side), roofline_bytes=decode)]
 
 
-def continuous_pool(config: ml_collections.ConfigDict, shapes: StepShapes) -> tuple:
+def static_cache_bytes(config: ml_collections.ConfigDict, shapes: StepShapes, mesh) -> int:
+  """The static sampler's KV cache per chip: a prompt block and a generated block per layer."""
+  rollout, c = config.rollout, shapes.model
+  return per_device_bytes(
+      [_cache_block(c, rollout.prompts_per_step, shapes.prompt_width, mesh),
+       _cache_block(c, shapes.rows, rollout.max_new_tokens - 1, mesh)] * c.num_layers)
+
+
+def continuous_pool(config: ml_collections.ConfigDict, shapes: StepShapes,
+                    side: RolloutSide) -> tuple:
   """The continuous engine's (PoolConfig, abstract pool, batch shards, pages per shard)."""
-  pool = continuous_lib.PoolConfig.from_rollout(config.rollout)
-  pool_struct = continuous_lib.abstract_pool(pool, shapes.model, shapes.prompt_width,
-                                             config.rollout.max_new_tokens, shapes.mesh)
-  shards = page_pool.shards(shapes.mesh)
-  return pool, pool_struct, shards, pool_struct.shape[1] // shards
+  pool_struct = continuous_lib.abstract_pool(side.pool, shapes.model, shapes.prompt_width,
+                                             config.rollout.max_new_tokens, side.mesh)
+  shards = page_pool.shards(side.mesh)
+  return side.pool, pool_struct, shards, pool_struct.shape[1] // shards
 
 
 def cap_bound(rollout: ml_collections.ConfigDict, pool: continuous_lib.PoolConfig, shards: int,
@@ -406,11 +521,12 @@ def cap_bound(rollout: ml_collections.ConfigDict, pool: continuous_lib.PoolConfi
   waves and steps when rows, not pages, bound the groups (tests/aot/test_response_lengths.py);
   where pages do, it admits more groups, as their first chunks fit, and puts the newest back in
   the queue as the pool runs short (`--response_lengths=fixed:<max_new_tokens>` shows it).
+  `pool_groups_per_shard`: the groups the pages alone hold.
   """
   prompt_pages = -(-prompt_width // pool.page_size)
   response_pages = -(-rollout.max_new_tokens // pool.page_size)
-  groups = min(pool.rows // rollout.group_size,
-               (pages - 1) // (prompt_pages + rollout.group_size * response_pages))
+  pool_groups = (pages - 1) // (prompt_pages + rollout.group_size * response_pages)
+  groups = min(pool.rows // rollout.group_size, pool_groups)
   if groups < 1:
     raise ValueError(
         f"rollout.kv_cache_gib={rollout.kv_cache_gib}: the pool's {pages} pages of "
@@ -419,8 +535,8 @@ def cap_bound(rollout: ml_collections.ConfigDict, pool: continuous_lib.PoolConfi
         f"({prompt_pages + rollout.group_size * response_pages} pages); raise it")
   waves = -(-rollout.prompts_per_step // (groups * shards))
   chunks = waves * -(-rollout.max_new_tokens // pool.chunk_steps)
-  return {"groups_per_shard": groups, "waves": waves, "decode_chunks": chunks,
-          "decode_steps": chunks * pool.chunk_steps}
+  return {"groups_per_shard": groups, "pool_groups_per_shard": pool_groups, "waves": waves,
+          "decode_chunks": chunks, "decode_steps": chunks * pool.chunk_steps}
 
 
 def _position_bytes(pool_struct, pool: continuous_lib.PoolConfig, pages: int) -> float:
@@ -428,40 +544,64 @@ def _position_bytes(pool_struct, pool: continuous_lib.PoolConfig, pages: int) ->
   return per_device_bytes(pool_struct) / (pages * pool.page_size)
 
 
-def continuous_sampler_programs(config: ml_collections.ConfigDict,
-                                shapes: StepShapes) -> list[Program]:
+def continuous_sampler_programs(config: ml_collections.ConfigDict, shapes: StepShapes,
+                                side: RolloutSide) -> list[Program]:
   """The continuous engine's prefill chunk and decode chunk over its page pool.
 
   Runs per step, with every response at the cap (as for the static sampler; `cap_bound`): each
   prompt is prefilled in chunks of `prefill_chunk` tokens (its bucket width, an upper bound), a
   prompt per batch shard per call, and the decode chunk runs the bound's chunks. A decode step
-  reads the compute-dtype weights and, per row of a chip's shard, the keys and values of half a
-  response past its prompt (the mean over the response). Rows and pages are split over the batch
+  reads the compute-dtype weights and, per row of a chip's shard (the groups its rows and pool
+  hold, at most a shard's share of the prompts), the keys and values of half a response past its
+  prompt (the mean over the response). Rows and pages are split over the batch
   axes and kv heads over the tensor axis, so the FLOPs are spread over every chip. Given response
   lengths, `lengths_projection` runs the engine's scheduler instead.
   """
-  rollout, mesh = config.rollout, shapes.mesh
-  model = nnx.merge(shapes.graphdef, shapes.state.params)
-  pool, pool_struct, shards, pages = continuous_pool(config, shapes)
-  sampler = continuous_lib.ContinuousSampler(model, pool, mesh)
-  traced = sampler.trace(shapes.state.params, _abstract_key(shapes), _sampling(rollout),
+  rollout = config.rollout
+  pool, pool_struct, shards, pages = continuous_pool(config, shapes, side)
+  sampler = _continuous_sampler(shapes, side, pool)
+  traced = sampler.trace(side.params, _abstract_key(side.mesh), _sampling(rollout),
                          shapes.prompt_width)
   bound = cap_bound(rollout, pool, shards, pages, shapes.prompt_width)
-  weights = _compute_weights_bytes(shapes)
-  attended = (bound["groups_per_shard"] * rollout.group_size
+  weights = side.decode_weights_bytes
+  prefill_calls = -(-rollout.prompts_per_step // shards)  # Also the most prompts of a shard.
+  attended = (min(bound["groups_per_shard"], prefill_calls) * rollout.group_size
               * (shapes.prompt_width + rollout.max_new_tokens / 2))
-  resident = shapes.bytes["opt_state"] + shapes.bytes["reference"]
-  arguments = (shapes.state.params, pool_struct)
-  prefill_calls = -(-rollout.prompts_per_step // shards)
+  resident = _sampler_resident_bytes(shapes, side)
+  arguments = (side.params, pool_struct)
+  decode = pool.chunk_steps * (weights + attended * _position_bytes(pool_struct, pool, pages))
   return [
       Program("sampler:prefill", "sample", traced["prefill"], arguments, weights,
               resident_bytes=resident,
               runs=prefill_calls * -(-(shapes.prompt_width - 1) // pool.prefill_chunk)),
-      Program("sampler:decode", "sample", traced["decode"], arguments,
-              pool.chunk_steps * (weights + attended * _position_bytes(pool_struct, pool, pages)),
+      Program("sampler:decode", "sample", traced["decode"], arguments, decode,
               while_trips=(pool.chunk_steps,), resident_bytes=resident,
-              runs=bound["decode_chunks"]),
+              runs=bound["decode_chunks"], roofline_bytes=decode),
   ]
+
+
+def pool_report(config: ml_collections.ConfigDict, shapes: StepShapes, side: RolloutSide,
+                target: targets_lib.Target, programs: list[dict]) -> dict:
+  """The continuous engine's pool: its setting, pages and bytes, the budget of the HBM left
+  (pool_budget.py; for an explicit kv_cache_gib from the compiled programs, and `error` where
+  the engine would refuse it at start), and the rows it feeds at the cap."""
+  pool, pool_struct, shards, pages = continuous_pool(config, shapes, side)
+  budget = side.budget or _budget(shapes, side, target, max(
+      p["program_bytes"] for p in programs if p["name"].startswith("sampler:")))
+  bound = cap_bound(config.rollout, pool, shards, pages, shapes.prompt_width)
+  report = {"kv_cache_gib": config.rollout.kv_cache_gib, "pages_per_shard": pages,
+            "shards": shards, "bytes_per_chip": per_device_bytes(pool_struct),
+            "budget": {**budget.as_dict(), "text": budget.describe()},
+            "live_rows": pool.rows, "rows_at_cap": bound["groups_per_shard"]
+            * config.rollout.group_size, "pool_rows_at_cap": bound["pool_groups_per_shard"]
+            * config.rollout.group_size, "waves": bound["waves"],
+            "decode_steps": bound["decode_steps"]}
+  if pool.kv_cache_gib not in ("auto", None):
+    try:
+      pool_budget.check_fits(pool.kv_cache_gib, budget, shapes.model, pool.page_size, side.mesh)
+    except errors.UserError as error:
+      report["error"] = str(error)
+  return report
 
 
 STATIC_LENGTHS = ("not modelled for rollout.engine=static: its decode loop runs until the "
@@ -470,24 +610,25 @@ STATIC_LENGTHS = ("not modelled for rollout.engine=static: its decode loop runs 
 
 
 def lengths_projection(config: ml_collections.ConfigDict, shapes: StepShapes,
-                       target: targets_lib.Target, lengths: response_lengths_lib.Lengths,
-                       programs: list[dict]) -> dict:
+                       side: RolloutSide, target: targets_lib.Target,
+                       lengths: response_lengths_lib.Lengths, programs: list[dict]) -> dict:
   """The continuous engine's sampling over given response lengths (response_lengths.py), beside
   the all-at-the-cap bound; per logged step and their mean where a run's lengths are given.
 
   The engine's scheduler runs on the host over each step's lengths; each decode chunk is priced
   from the compiled decode program (`response_lengths.project`), each prefill call as the
-  compiled prefill chunk. The update is the one at the full response width.
+  compiled prefill chunk. The step adds the rollout copy (`copy_s`) and the update at the full
+  response width.
   """
   head = {"source": lengths.source, "steps": lengths.steps, "responses": shapes.rows}
   if config.rollout.engine != "continuous":
     return {**head, "note": STATIC_LENGTHS}
-  pool, pool_struct, shards, pages = continuous_pool(config, shapes)
+  pool, pool_struct, shards, pages = continuous_pool(config, shapes, side)
   by_name = {p["name"]: p for p in programs}
   decode, prefill = by_name["sampler:decode"], by_name["sampler:prefill"]
   costs = response_lengths_lib.DecodeCosts(
       flops=decode["flops_per_chip"] / pool.chunk_steps, rows=pool.rows,
-      weights_bytes=_compute_weights_bytes(shapes),
+      weights_bytes=side.decode_weights_bytes,
       token_bytes=_position_bytes(pool_struct, pool, pages),
       comm_s=(decode.get("comm_s") or 0.0) / decode["runs"] / pool.chunk_steps)
   per_step = [
@@ -498,10 +639,11 @@ def lengths_projection(config: ml_collections.ConfigDict, shapes: StepShapes,
           target.hbm_bandwidth)
       for lengths_N in lengths.sets]
   update_s = max(p["projected_s"] for p in programs if p["stage"] == "update")
+  copy_s = sum(p["projected_s"] for p in programs if p["name"] == "rollout:copy")
   mean = response_lengths_lib.mean_of(per_step)
   return {**head, "decode_rows": shards * pool.rows,
           "bound": cap_bound(config.rollout, pool, shards, pages, shapes.prompt_width), **mean,
-          "projected_step_s": mean["projected_sample_s"] + update_s,
+          "copy_s": copy_s, "projected_step_s": mean["projected_sample_s"] + copy_s + update_s,
           **({"per_step": per_step} if len(per_step) > 1 else {})}
 
 
@@ -530,9 +672,6 @@ def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> lis
   return programs
 
 
-def step_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
-  """Every program a training step of `config` runs (extend here when the trainer adds one)."""
-  return sampler_programs(config, shapes) + train_programs(config, shapes)
 
 
 def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | None = None,
@@ -550,14 +689,27 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
   target = targets_lib.get_target(target)
   model_config = model_config or model_config_for(config, target)
   mesh = make_target_mesh(target, mesh_sizes)
-  with jax.set_mesh(mesh):  # Splash attention runs under shard_map over the mesh in context.
+  # Each program is traced and compiled under its mesh (splash attention and the paged kernels
+  # run under shard_map over the mesh in context): the trainer's for the copy and the update,
+  # the rollout weights' for the samplers, as the trainer runs them.
+  with jax.set_mesh(mesh):
     shapes = step_shapes(config, mesh, model_config)
-    programs = [compile_program(p, target) for p in step_programs(config, shapes)]
-  sample = [p for p in programs if p["stage"] == "sample"]
-  update = max((p for p in programs if p["stage"] == "update"), key=lambda p: p["projected_s"])
+    side = rollout_side(config, shapes, target)
+    copy = [compile_program(p, target) for p in copy_programs(shapes, side)]
+  with jax.set_mesh(side.mesh):
+    sample = copy + [compile_program(p, target)
+                     for p in sampler_programs(config, shapes, side)]
+  with jax.set_mesh(mesh):
+    updates = [compile_program(p, target) for p in train_programs(config, shapes)]
+  programs = sample + updates
+  update = max(updates, key=lambda p: p["projected_s"])
   counted = sample + [update]  # A step runs every sample program and its phase's update.
   sample_s = sum(p["projected_s"] for p in sample)
   update_s = update["projected_s"]
+  pool = (pool_report(config, shapes, side, target, programs)
+          if config.rollout.engine == "continuous" else None)
+  kv_cache = (pool["bytes_per_chip"] if pool else
+              static_cache_bytes(config, shapes, side.mesh))
   report = {
       "target": target.name,
       "compiler": target.compiler,
@@ -569,15 +721,19 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
       "mesh": dict(mesh.shape),
       "model": dataclasses.asdict(model_config),
       "engine": config.rollout.engine,
+      "rollout_weights": side.weights.layout,
+      "rollout_mesh": dict(side.mesh.shape),
       "rows": shapes.rows,
       "prompt_width": shapes.prompt_width,
       "max_new_tokens": config.rollout.max_new_tokens,
       "micro_batches": config.optim.micro_batches,
       "batch_devices": sharding.batch_devices(mesh),
-      "bytes_per_chip": shapes.bytes,
+      "bytes_per_chip": {**shapes.bytes, "rollout_copy": side.copy_bytes, "kv_cache": kv_cache},
+      **({"pool": pool} if pool else {}),
       "programs": programs,
-      "fits": all(p["fits"] for p in programs),
+      "fits": all(p["fits"] for p in programs) and not (pool or {}).get("error"),
       "projected_sample_s": sample_s,
+      "projected_sample_roofline_s": sum(p["roofline_s"] for p in sample),
       "projected_update_s": update_s,
       "projected_step_s": sample_s + update_s,
       "projected_comm_s": sum(p["comm_s"] or 0.0 for p in counted),
@@ -589,7 +745,7 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
                         "response width (an upper bound; see prerl_jax/aot/dry_run.py)",
   }
   if lengths is not None:
-    report["lengths"] = lengths_projection(config, shapes, target, lengths, programs)
+    report["lengths"] = lengths_projection(config, shapes, side, target, lengths, programs)
   report["advice"] = report_lib.advice(report)
   return report
 

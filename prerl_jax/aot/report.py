@@ -43,6 +43,8 @@ def advice(report: dict) -> list[str]:
     notes.append(f"parameters + optimizer state alone ({state / GIB:.1f} GiB) exceed the "
                  f"{hbm / GIB:.1f} GiB of a {report['chip']}: shard over more fsdp chips, or keep "
                  "them in bfloat16 (model.param_dtype=bfloat16 halves params and Adam moments)")
+  if report.get("pool", {}).get("error"):
+    notes.append(report["pool"]["error"])
   for program in report["programs"]:
     if program["fits"]:
       continue
@@ -51,8 +53,9 @@ def advice(report: dict) -> list[str]:
     if program["stage"] == "sample" and report.get("engine") == "continuous":
       notes.append(head + (
           f"its page pool is {b['kv_cache'] / GIB:.1f} GiB: lower rollout.kv_cache_gib (the "
-          "pool; fewer responses decode at once) or rollout.live_rows, or split kv heads over "
-          "more tensor chips"))
+          "pool; fewer responses decode at once; auto sizes it from the HBM left) or "
+          "rollout.live_rows, or split the weights and kv heads over a tensor axis "
+          "(rollout.weights=tensor)"))
       continue
     if program["stage"] == "sample":
       notes.append(head + (
@@ -79,6 +82,30 @@ def _gib(x: float) -> str:
   return f"{x / GIB:.2f}"
 
 
+def rollout_line(report: dict) -> str:
+  """What the samplers decode from: the layout, its mesh, the copy and its resharding."""
+  layout = report["rollout_weights"]
+  if layout == "trainer":
+    return ("rollout weights: trainer (the fsdp params, cast inside the sampler programs; no "
+            "copy)")
+  copy = next(p for p in report["programs"] if p["name"] == "rollout:copy")
+  moved = copy["collective_bytes_per_chip"]
+  moved = "unknown" if moved is None else f"{_gib(moved['total'])} GiB"
+  return (f"rollout weights: {layout} on mesh {report['rollout_mesh']}, a "
+          f"{_gib(report['bytes_per_chip']['rollout_copy'])} GiB copy per chip made once per "
+          f"step (resharding: {moved} per chip over the interconnect)")
+
+
+def pool_line(pool: dict) -> str:
+  """The continuous engine's pool: its setting, the budget, pages and the rows it feeds."""
+  return (f"page pool (rollout.kv_cache_gib={pool['kv_cache_gib']}): {pool['pages_per_shard']} "
+          f"pages per shard, {_gib(pool['bytes_per_chip'])} GiB per chip, of "
+          f"{pool['budget']['text']} left for it; {pool['live_rows']} live rows per shard "
+          f"(rollout.live_rows), {pool['rows_at_cap']} of them decoding at the cap (the pages "
+          f"alone hold {pool['pool_rows_at_cap']}): {pool['waves']} waves, "
+          f"{pool['decode_steps']} decode steps")
+
+
 def format_report(report: dict) -> str:
   """A short human summary; every line of a simulated (GPU) target says it is simulated."""
   b, m, peaks = report["bytes_per_chip"], report["model"], report["peaks"]
@@ -93,8 +120,10 @@ def format_report(report: dict) -> str:
       f" mesh {report['mesh']}; {report['rows']} rows, prompt {report['prompt_width']}, new "
       f"tokens {report['max_new_tokens']}, micro-batches {report['micro_batches']}",
       f"per chip (GiB): params {_gib(b['params'])}, optimizer state {_gib(b['opt_state'])}, "
-      f"reference {_gib(b['reference'])}, gradients (f32) {_gib(b['gradients'])}, KV cache "
-      f"{_gib(b['kv_cache'])}; HBM {_gib(peaks['hbm_bytes'])}",
+      f"reference {_gib(b['reference'])}, gradients (f32) {_gib(b['gradients'])}, rollout copy "
+      f"{_gib(b['rollout_copy'])}, KV cache {_gib(b['kv_cache'])}; HBM {_gib(peaks['hbm_bytes'])}",
+      rollout_line(report),
+      *([pool_line(report["pool"])] if "pool" in report else []),
       "program              peak GiB  temp GiB  fits (headroom GiB)  TFLOP/chip/run   runs"
       "  projected s  comm s  comm GiB/chip/run",
   ]
@@ -120,6 +149,10 @@ def format_report(report: dict) -> str:
       f"({peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, {peaks['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, "
       f"{peaks['interconnect_bandwidth'] / 2 / 1e9:.0f} GB/s into a chip; {report['network']}; "
       f"early stopping: {report['early_stopping']})")
+  lines.append(
+      f"sample phase HBM roofline {report['projected_sample_roofline_s']:.1f} s (the decode's "
+      "weights and keys and values read, prerl_jax/aot/dry_run.py): projected sampling is "
+      f"{report['projected_sample_s'] / report['projected_sample_roofline_s']:.2f}x it")
   lines += [response_lengths.summary_line(report["lengths"])] if "lengths" in report else []
   lines.append(f"fits: {'yes' if report['fits'] else 'NO'}")
   lines += [f"does not fit: {note}" for note in report["advice"]]

@@ -40,7 +40,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from prerl_jax import sharding
-from prerl_jax.generate import page_pool, schedule
+from prerl_jax.generate import page_pool, pool_budget, schedule
 from prerl_jax.generate.paged_attention import gather_attention
 from prerl_jax.generate.paged_forward import compute_weights, paged_forward
 from prerl_jax.generate.sampler import SampleOutput, SamplingConfig, choose_tokens, \
@@ -55,22 +55,23 @@ class PoolConfig:
   """Size and pace of the continuous sampler.
 
   rows: live decode rows per batch shard. pages: pool pages per batch shard (its scratch page
-  included); None sizes the pool from `kv_cache_gib` (per shard), or else gives every row room for
-  its longest sequence. chunk_steps: decode steps per host round trip. prefill_chunk: most prompt
+  included); None sizes the pool from `kv_cache_gib` (GiB per shard, or "auto": from the HBM left
+  on the first `sample` call, `pool_budget.sized_pool`), or else gives every row room for its
+  longest sequence. chunk_steps: decode steps per host round trip. prefill_chunk: most prompt
   tokens per prefill call.
   """
 
   rows: int = 64
   page_size: int = 16
   pages: int | None = None
-  kv_cache_gib: float | None = None
+  kv_cache_gib: float | str | None = None
   chunk_steps: int = 16
   prefill_chunk: int = 512
 
   def __post_init__(self):
     checks = (("rows", self.rows >= 1), ("page_size", self.page_size >= 1),
               ("pages", self.pages is None or self.pages >= 2),
-              ("kv_cache_gib", self.kv_cache_gib is None or self.kv_cache_gib > 0),
+              ("kv_cache_gib", self.kv_cache_gib in (None, "auto") or self.kv_cache_gib > 0),
               ("chunk_steps", self.chunk_steps >= 1), ("prefill_chunk", self.prefill_chunk >= 1))
     for key, ok in checks:
       if not ok:
@@ -87,6 +88,8 @@ class PoolConfig:
     """Pages per batch shard."""
     if self.pages is not None:
       return self.pages
+    if self.kv_cache_gib == "auto":
+      raise ValueError("PoolConfig.kv_cache_gib='auto' is sized by pool_budget.sized_pool")
     if self.kv_cache_gib is not None:
       return page_pool.pages_for_memory(model_config, self.kv_cache_gib, self.page_size)
     return self.rows * pages_per_sequence + 1
@@ -278,6 +281,7 @@ class ContinuousSampler:
         raise ValueError(f"prompt {i} is empty")
       sequences = list(range(i * config.n, (i + 1) * config.n))
       groups.append(schedule.Group(prompt, sequences, int(limits[i])))
+    self.pool = pool_budget.sized_pool(self, state, key, config, width)  # Once, where needed.
     run = _Run(self, state, key, config, width, groups)
     run.run()
     return run.output(tokens_BxP, mask_BxP)

@@ -7,6 +7,7 @@ one line per bad key, naming its value and what the key takes, before any model 
 A relation that reads a bad key is not checked: the bad key is reported instead.
 """
 
+import copy
 import dataclasses
 import math
 import os
@@ -80,8 +81,9 @@ def is_section(value) -> bool:
 
 
 def defaults(settings: Mapping) -> dict:
-  """The nested dict of defaults of a nested dict of Settings."""
-  return {key: defaults(value) if is_section(value) else value.default
+  """The nested dict of defaults of a nested dict of Settings (copies: a FieldReference default,
+  for a key that takes more than one type, is never shared between configs)."""
+  return {key: defaults(value) if is_section(value) else copy.deepcopy(value.default)
           for key, value in settings.items()}
 
 

@@ -43,21 +43,28 @@ def tpu_report():
 
 def test_libtpu_compiles_the_step_for_a_v5p_topology(tpu_report):
   assert (tpu_report["target"], tpu_report["compiler"], tpu_report["chips"]) == ("v5p-8", "tpu", 4)
-  assert [p["name"] for p in tpu_report["programs"]] == ["sampler", "train:grpo"]
+  assert [p["name"] for p in tpu_report["programs"]] == ["rollout:copy", "sampler", "train:grpo"]
   b = tpu_report["bytes_per_chip"]
   assert b["params"] == PARAM_ELEMENTS * 4 == 79104
   assert b["opt_state"] == 2 * 79104 + 4  # Adam moments and the int32 count.
-  # k and v of 2 layers: the prompt block (8 prompts / 2 x 1 kv head x 64 slots x 16) and the
-  # generated block (32 rows / 2 x 1 kv head x (16 - 1) slots x 16), float32.
+  # rollout.weights=auto: the float32 copy (the compute dtype) replicated, on the mesh with the
+  # tensor axis folded into fsdp: 4 batch shards.
+  assert tpu_report["rollout_weights"] == "replicated"
+  assert tpu_report["rollout_mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert b["rollout_copy"] == (2 * 128 * 64 + 64 + 2 * 2 * 64 + 2 * 2 * 64 * 4 * 16
+                               + 2 * 2 * 64 * 2 * 16 + 3 * 2 * 64 * 96) * 4
+  # k and v of 2 layers: the prompt block (8 prompts / 4 x 2 kv heads x 64 slots x 16) and the
+  # generated block (32 rows / 4 x 2 kv heads x (16 - 1) slots x 16), float32.
   assert b["kv_cache"] == 2 * 2 * (4 * 64 + 16 * 15) * 16 * 4
-  sampler, train = tpu_report["programs"]
-  assert sampler["resident_bytes"] == b["opt_state"]
+  copy, sampler, train = tpu_report["programs"]
+  assert copy["collective_bytes_per_chip"]["all-gather"] > 0
+  assert sampler["resident_bytes"] == b["params"] + b["opt_state"]
   assert sampler["peak_bytes_per_chip"] >= b["params"] + b["kv_cache"] + b["opt_state"]
   assert train["argument_bytes"] >= b["params"] + b["opt_state"]
   assert train["hbm_bytes_per_chip"] == targets.TARGETS["v5p-8"].hbm_bytes
   assert tpu_report["fits"] and not tpu_report["advice"]
   assert tpu_report["projected_step_s"] == pytest.approx(
-      sampler["projected_s"] + train["projected_s"])
+      copy["projected_s"] + sampler["projected_s"] + train["projected_s"])
   assert sum(train["collectives"].values()) > 0
   assert "[simulated]" not in report_lib.format_report(tpu_report)
 
@@ -65,7 +72,7 @@ def test_libtpu_compiles_the_step_for_a_v5p_topology(tpu_report):
 def test_continuous_engine_compiles_its_pool_programs_with_the_tpu_paged_kernel():
   pytest.importorskip("libtpu", reason="the TPU dry run needs libtpu: pip install -e .[tpu-aot]")
   config = tiny_config()
-  config.rollout.engine = "continuous"
+  config.rollout.update(engine="continuous", weights="trainer")  # The fsdp x tensor mesh.
   # head_dim 128: the TPU ragged paged attention kernel's lane width.
   model = dataclasses.replace(TINY, head_dim=128)
   report = dry_run.dry_run(config, "v5p-8", MESH, model_config=model)
@@ -173,7 +180,7 @@ def test_real_train_step_matches_the_simulated_prediction(monkeypatch):
                                     mesh=mesh, state=state)
   compiled = step.lower(state, batch).compile(targets.get_target("h100x8").compile_options)
   memory = compiled.memory_analysis()
-  predicted = report["programs"][1]
+  predicted = {p["name"]: p for p in report["programs"]}["train:grpo"]
   assert memory.temp_size_in_bytes == predicted["temp_bytes"] > 0
   assert memory.argument_size_in_bytes == predicted["argument_bytes"]
 
