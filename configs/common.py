@@ -308,10 +308,12 @@ def _paper(c: ml_collections.ConfigDict, data_dir: str) -> None:
                 on_bad_row="skip")  # 4 MATH train rows have an empty ground truth; they are logged.
   # MATH's truths had their units, degrees and \% stripped: a unit in an answer is free there.
   c.reward.units = "free"
-  # The continuous engine over a 32 GiB page pool per chip: a static cache for 1,024 rows of
-  # 9k tokens would need 146 GiB per chip on 8 chips (docs/dry_run_table.md).
+  # The continuous engine, from a bfloat16 rollout copy of the weights (rollout.weights=auto),
+  # over a page pool of the HBM the train state, the copy and the sampler leave (kv_cache_gib
+  # auto: 75.7 GiB per chip for Qwen3-4B on v5p-16); a static cache for 1,024 rows of 9k tokens
+  # would need 146 GiB per chip on 8 chips (docs/dry_run_table.md).
   c.rollout.update(prompts_per_step=128, group_size=8, max_new_tokens=8192, temperature=1.0,
-                   engine="continuous", live_rows=64, kv_cache_gib=32.0)
+                   engine="continuous", live_rows=64, kv_cache_gib="auto")
   c.optim.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0, micro_batches=16)
   c.eval.update(every=20, samples_per_problem=32, temperature=1.0, max_new_tokens=8192)
   c.train.update(steps=348, checkpoint_every=10, keep_checkpoints=3, export_hf=True)
