@@ -101,7 +101,9 @@ def _row(model: str, report: dict, settings: str = "") -> str:
                       if p["stage"] == stage),
                   sum(p["comm_s"] or 0.0 for p in counted if p["stage"] == stage)]
           for stage in ("sample", "update")}
-  split = lambda stage: f"{seconds[stage][0]:.0f} + {seconds[stage][1]:.0f}"
+  unknown = {p["stage"] for p in counted if p["comm_s"] is None}  # The compiler refused it.
+  split = lambda stage: (f"{seconds[stage][0]:.0f} + "
+                         + ("?" if stage in unknown else f"{seconds[stage][1]:.0f}"))
   return (f"| {model} | {where} | {compiler} | {report.get('rollout_weights', 'trainer')} | "
           f"{(b['params'] + b['opt_state']) / GIB:.1f} | {b['kv_cache'] / GIB:.1f} | "
           f"{_gib(sampler)} | {_gib(train)} | {report['peaks']['hbm_bytes'] / GIB:.1f} | "
