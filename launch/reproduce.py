@@ -3,8 +3,8 @@
 python launch/reproduce.py [--seeds 0,1,2] [--methods grpo,dsrl,...] [--out runs/reproduction]
     [--results docs/reproduction] [--steps 12] [--switch 3] [--lr 3e-5] [--override KEY=VALUE]
 
-Parts, each skipped when its result exists (a killed training run resumes from its last
-checkpoint): the gradient alignment of the base model on its own rollouts (once: it describes the
+Parts, each skipped when its result exists in --out or was collected in --results (a killed
+training run resumes from its last checkpoint): the gradient alignment of the base model on its own rollouts (once: it describes the
 starting weights, not a training run); then, seed by seed, one training run per method in
 <out>/seed_<s>/<method>/ with the same batch, group size, learning rate and step budget (its
 checkpoints are deleted once it has finished, unless --keep_checkpoints). The seed
@@ -180,12 +180,17 @@ def main():
   for seed in seeds:
     for method in methods:
       run_dir = os.path.join(out, f"seed_{seed}", method)
-      evaluated = [m for m in METHODS
-                   if os.path.exists(os.path.join(out, f"seed_{seed}", m, "eval_step_0.json"))]
+      dest = os.path.join(results, f"seed_{seed}", method)
+      if (os.path.exists(os.path.join(dest, "summary.json"))
+          and not os.path.exists(os.path.join(run_dir, "summary.json"))):
+        print(f"[seed {seed} {method}] done already: {portable(dest)}")  # Committed results.
+        continue
+      evaluated = [m for m in METHODS if any(
+          os.path.exists(os.path.join(folder, f"seed_{seed}", m, "eval_step_0.json"))
+          for folder in (out, results))]
       command = training_command(method, seed, portable(run_dir), args,
                                  evaluate_start=not evaluated or evaluated == [method])
       ran = run_part(f"seed {seed} {method}", command, os.path.join(run_dir, "summary.json"))
-      dest = os.path.join(results, f"seed_{seed}", method)
       if ran or not os.path.exists(os.path.join(dest, "summary.json")):
         reproduction_report.collect_run(run_dir, dest, out, REPO_ROOT)
         reproduction_report.write_report(results)

@@ -4,6 +4,8 @@ thresholds, portable paths, plots."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -177,3 +179,24 @@ def test_collected_runs_name_no_absolute_path(tmp_path):
     for name in os.listdir(os.path.join(copy, "grpo")):
       with open(os.path.join(copy, "grpo", name)) as f:
         assert str(tmp_path) not in f.read()
+
+
+def test_reproduce_skips_runs_already_collected_in_results(results, tmp_path):
+  """Runs committed to --results (a previous machine's --out is gone) are not trained again."""
+  settings = {"steps": STEPS, "switch": 3, "lr": 3e-5, "eval_samples": N,
+              "eval_prompts_per_call": 16, "log_samples": 4, "alignment_prompts": 0,
+              "override": ["data.eval_size=8"]}
+  with open(os.path.join(results, "settings.json"), "w") as f:
+    json.dump(settings, f)
+  out = str(tmp_path / "out")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  done = subprocess.run(
+      [sys.executable, os.path.join(root, "launch", "reproduce.py"), "--seeds", "0,1,2",
+       "--methods", "grpo,dsrl", f"--steps={STEPS}", f"--eval_samples={N}",
+       "--alignment_prompts=0", "--override", "data.eval_size=8", f"--out={out}",
+       f"--results={results}"],
+      cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.count("done already") == 6
+  assert not [name for name in os.listdir(out) if name.startswith("seed_")]
