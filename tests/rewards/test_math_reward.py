@@ -226,27 +226,23 @@ STRICT_UNITS_TABLE = [
 
 
 @pytest.fixture(scope="module")
-def pool():
-  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S,
-                                    units="free") as verifier_pool:
-    yield verifier_pool
-
-
-@pytest.mark.parametrize("response, truth, expected", VERIFIER_TABLE)
-def test_verifier_table(pool, response, truth, expected):
-  assert pool.score([response], [truth]).rewards.tolist() == [expected]
+def pools():
+  """A verifier pool per units rule; "free" is the table's rule and the other tests' pool."""
+  with math_reward.MathVerifierPool(num_workers=2, timeout_s=TIMEOUT_S, units="free") as free, \
+       math_reward.MathVerifierPool(num_workers=1, timeout_s=TIMEOUT_S, units="strict") as strict:
+    yield {"free": free, "strict": strict}
 
 
 @pytest.fixture(scope="module")
-def strict_pool():
-  with math_reward.MathVerifierPool(num_workers=1, timeout_s=TIMEOUT_S,
-                                    units="strict") as verifier_pool:
-    yield verifier_pool
+def pool(pools):
+  return pools["free"]
 
 
-@pytest.mark.parametrize("response, truth, expected", STRICT_UNITS_TABLE)
-def test_strict_units_table(strict_pool, response, truth, expected):
-  assert strict_pool.score([response], [truth]).rewards.tolist() == [expected]
+@pytest.mark.parametrize("units, response, truth, expected",
+                         [("free", *row) for row in VERIFIER_TABLE]
+                         + [("strict", *row) for row in STRICT_UNITS_TABLE])
+def test_verifier_table(pools, units, response, truth, expected):
+  assert pools[units].score([response], [truth]).rewards.tolist() == [expected]
 
 
 def test_units_are_strict_unless_the_task_says_they_are_free():
