@@ -146,3 +146,13 @@ def to_host(tree):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs (its largest)."""
+  totals = {}
+  for leaf in jax.tree.leaves(tree):
+    size = math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    for device in leaf.sharding.device_set:
+      totals[device] = totals.get(device, 0) + size
+  return max(totals.values(), default=0)

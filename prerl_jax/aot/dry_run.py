@@ -79,6 +79,7 @@ import ml_collections
 from flax import nnx
 
 from prerl_jax import errors, sharding
+from prerl_jax.sharding import per_device_bytes
 from prerl_jax.aot import collectives, report as report_lib, targets as targets_lib
 from prerl_jax.aot import response_lengths as response_lengths_lib
 from prerl_jax.generate import continuous as continuous_lib, page_pool, pool_budget
@@ -119,16 +120,6 @@ class Program:
   resident_bytes: int = 0
   runs: int = 1
   roofline_bytes: float = 0.0
-
-
-def per_device_bytes(tree) -> int:
-  """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs (its largest)."""
-  totals = {}
-  for leaf in jax.tree.leaves(tree):
-    size = math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-    for device in leaf.sharding.device_set:
-      totals[device] = totals.get(device, 0) + size
-  return max(totals.values(), default=0)
 
 
 def matmul_flops(jaxpr, while_trips=()) -> float:

@@ -167,19 +167,10 @@ def sized_pool(sampler, state, key, config, prompt_width: int):
   if memory is None:
     return dataclasses.replace(pool, kv_cache_gib=None) if pool.kv_cache_gib == "auto" else pool
   hbm, in_use = memory
-  weights = _weights_bytes(state)
+  weights = float(sharding.per_device_bytes(state))
   budget = Budget(hbm, in_use - weights, weights,
                   sampler_program_bytes(sampler, state, key, config, prompt_width))
   args = (budget, sampler.model_config, pool.page_size, sampler.mesh, sampler.rules)
   if pool.kv_cache_gib == "auto":
     return dataclasses.replace(pool, pages=pool_pages(*args))
   return dataclasses.replace(pool, pages=check_fits(pool.kv_cache_gib, *args))
-
-
-def _weights_bytes(state) -> float:
-  """Bytes the busiest local device holds of `state`'s arrays."""
-  totals = {}
-  for leaf in jax.tree.leaves(state):
-    for shard in leaf.addressable_shards:
-      totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
-  return float(max(totals.values(), default=0))
