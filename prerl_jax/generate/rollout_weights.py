@@ -19,11 +19,17 @@ the compute dtype, in one of these layouts (`rollout.weights`):
 transfer of an RL step); `RolloutWeights` bundles a run's layout, mesh and shardings, and its
 `copy(params)` returns the params themselves for `trainer`.
 
-From fsdp into the tensor layout XLA's partitioner gathers each weight whole, then keeps its
-part (it warns of an "involuntary full rematerialization"): the tensor copy moves as many bytes
-as the replicated one (compiled by libtpu for v5p-8, the tests' tiny model: 3/4 of the whole
-bfloat16 model into each chip) and briefly holds whole weights, one or a few at a time (3.5 MB
-of temporaries for 8.7 MB of weights). XLA:CPU gathers in float32 and casts after.
+The reshard's collectives write into the program's temporaries (libtpu then copies their results
+into the outputs), so the copy moves each stacked weight one layer at a time (a `lax.map`), and
+for `tensor` passes through the trainer's rules on the sampler's mesh (each weight split over its
+fsdp axis as the trainer splits it, heads and MLP columns over its tensor axis: an all-to-all
+within each tensor group) before gathering over fsdp what the layout replicates. A chip receives
+only what it lacks of its part: 3/8 of every split weight with t = 2 on 4 chips, where a direct
+reshard gathered each weight whole (3/4) and kept its part. Compiled by libtpu, Qwen3-4B on
+v5p:2x2x1: `tensor` (t = 2) holds 0.45 GiB of temporaries for a 3.75 GiB copy per chip (a direct
+reshard: 1.67 GiB, a stacked MLP weight whole), `replicated` 0.75 GiB (a direct gather: 7.49 GiB,
+the whole copy again). What is left is the embedding and the LM head: whole for `replicated`
+(Qwen3-8B: both at once, 2.35 GiB), their parts for `tensor`.
 """
 
 import dataclasses
@@ -185,20 +191,62 @@ def resolve_layout(layout: str, model_config: ModelConfig, mesh: Mesh,
   return "tensor"
 
 
+def _layer(placement: NamedSharding) -> NamedSharding:
+  return NamedSharding(placement.mesh, PartitionSpec(*placement.spec[1:]))
+
+
+def _place(x, dtype, target: NamedSharding, staging: NamedSharding | None):
+  x = x.astype(dtype)
+  if staging is not None:
+    x = jax.lax.with_sharding_constraint(x, staging)
+  return jax.lax.with_sharding_constraint(x, target)
+
+
+def _copy_leaf(x, dtype, target, staging, stacked: bool):
+  if not stacked:
+    return _place(x, dtype, target, staging)
+  layer_target = _layer(target)
+  layer_staging = None if staging is None else _layer(staging)
+  layers = jax.lax.map(lambda w: _place(w, dtype, layer_target, layer_staging), x)
+  return jax.lax.with_sharding_constraint(layers, target)
+
+
 @jax.jit(static_argnums=(1, 2))
-def _cast_and_place(leaves, dtype, shardings):
-  return [jax.lax.with_sharding_constraint(x.astype(dtype), s)
-          for x, s in zip(leaves, shardings)]
+def _cast_and_place(leaves, dtype, plans):
+  return [_copy_leaf(x, dtype, *plan) for x, plan in zip(leaves, plans)]
 
 
-def rollout_copy(params, shardings, dtype):
-  """A copy of `params` in `dtype` placed as `shardings`: one jitted program (compiled once per
-  layout), whose outputs are the copy's shards; `params` are read, not changed."""
+def _leaf_plan(placed, shape, rules) -> tuple:
+  """(target, staging or None, stacked) of one leaf of the copy, from its sharding as
+  `rollout_shardings` gives it (an nnx Variable holding a NamedSharding, or a NamedSharding).
+
+  staging: the leaf as `rules` split it on the copy's mesh, where that is neither the target nor
+  whole. stacked: its first axis is the layers, which neither splits, and `rules` split it
+  somewhere (a leaf they leave whole, a norm say, is cast where it is: nothing moves)."""
+  axes = placed.get_metadata().get("logical_axes") if isinstance(placed, nnx.Variable) else None
+  target = placed.get_value() if isinstance(placed, nnx.Variable) else placed
+  if axes is None:
+    return target, None, False
+  ruled = NamedSharding(target.mesh, sharding.logical_to_spec(axes, shape, target.mesh, rules))
+  if ruled.is_fully_replicated:
+    return target, None, False
+  staging = None
+  if not (target.is_fully_replicated or ruled.is_equivalent_to(target, len(shape))):
+    staging = ruled
+  unsplit = lambda s: not s.spec or s.spec[0] is None
+  return target, staging, axes[0] == "layers" and unsplit(target) and unsplit(ruled)
+
+
+def rollout_copy(params, shardings, dtype, rules=sharding.DEFAULT_RULES):
+  """A copy of `params` in `dtype` placed as `shardings` (`rollout_shardings` of the same
+  `rules`): one jitted program (compiled once per layout), whose outputs are the copy's shards;
+  `params` are read, not changed."""
   leaves, treedef = jax.tree.flatten(params)
-  placed = tuple(jax.tree.leaves(shardings))
+  placed = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
   if len(placed) != len(leaves):
     raise ValueError(f"rollout_copy: {len(placed)} shardings for {len(leaves)} parameters")
-  return jax.tree.unflatten(treedef, _cast_and_place(leaves, np.dtype(dtype), placed))
+  plans = tuple(_leaf_plan(p, x.shape, rules) for p, x in zip(placed, leaves))
+  return jax.tree.unflatten(treedef, _cast_and_place(leaves, np.dtype(dtype), plans))
 
 
 def device_hbm_bytes(mesh: Mesh) -> float | None:
@@ -212,12 +260,13 @@ def device_hbm_bytes(mesh: Mesh) -> float | None:
 @dataclasses.dataclass(frozen=True, eq=False)
 class RolloutWeights:
   """A run's rollout layout (resolved), the mesh its sampler runs on, the copy's shardings and
-  dtype."""
+  dtype, and the sharding rules they follow."""
 
   layout: str
   mesh: Mesh
   shardings: Any
   dtype: Any
+  rules: Any = sharding.DEFAULT_RULES
 
   @classmethod
   def build(cls, layout: str, model_config: ModelConfig, mesh: Mesh,
@@ -226,14 +275,14 @@ class RolloutWeights:
     layout = resolve_layout(layout, model_config, mesh, hbm_bytes, rules)
     sampler_mesh = rollout_mesh(mesh, layout, model_config=model_config, hbm_bytes=hbm_bytes)
     shardings = rollout_shardings(abstract_params(model_config), sampler_mesh, layout, rules)
-    return cls(layout, sampler_mesh, shardings, model_config.compute_dtype)
+    return cls(layout, sampler_mesh, shardings, model_config.compute_dtype, rules)
 
   def copy(self, params):
     """The weights the sampler decodes from: `params` themselves for `trainer`, else
     `rollout_copy`."""
     if self.layout == "trainer":
       return params
-    return rollout_copy(params, self.shardings, self.dtype)
+    return rollout_copy(params, self.shardings, self.dtype, self.rules)
 
   def bytes_per_chip(self, model_config: ModelConfig) -> int:
     """Bytes one chip holds of the copy (0 for `trainer`: no copy is made)."""

@@ -8,9 +8,9 @@ import pytest
 
 import configs
 from prerl_jax import sharding
-from prerl_jax.aot import dry_run, targets
+from prerl_jax.aot import collectives, dry_run, targets
 from prerl_jax.errors import UserError
-from prerl_jax.generate import pool_budget
+from prerl_jax.generate import pool_budget, rollout_weights
 from prerl_jax.models.config import ModelConfig
 
 GIB = 2**30
@@ -154,3 +154,40 @@ def test_budget_arithmetic_and_page_bytes_on_a_tensor_axis():
                      r"7.00 - resident state 3.00 - rollout weights 2.00 - sampler program 1.00 - "
                      r"margin 1.35 = -0.35 GiB per chip; a page takes 16384 bytes per chip"):
     pool_budget.pool_pages(dataclasses.replace(budget, hbm_bytes=7 * GIB), TINY, 16, mesh)
+
+
+# Wide enough that weights, not libtpu's fixed buffers, make the copy's temporaries: 8 layers,
+# per layer 2 norms of 512, wq and wo 512 x 4 x 128, wk and wv 512 x 2 x 128, three MLP matrices
+# 512 x 1024; embedding and LM head 1024 x 512, final norm 512.
+WIDE = ModelConfig("llama", vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=8,
+                   num_heads=4, num_kv_heads=2, head_dim=128, dtype="bfloat16")
+WIDE_NORMS = 8 * 2 * 512 + 512
+WIDE_SPLIT = 8 * (2 * 512 * 4 * 128 + 2 * 512 * 2 * 128 + 3 * 512 * 1024) + 2 * 1024 * 512
+MLP_STACK_BF16 = 8 * 512 * 1024 * 2  # The largest weight, whole: 8 MiB.
+
+
+def test_the_copy_moves_layer_by_layer_what_each_chip_lacks():
+  """Compiled by libtpu for v5p-8 (4 chips, params over fsdp=4), each copy's temporaries stay
+  below half the largest weight; a direct reshard gathered weights whole: 8.3 MiB for the tensor
+  copy, 38.6 MiB (the whole copy again) for the replicated one. The tensor copy (t=2) receives
+  in bfloat16 the 3/8 of every split weight it lacks of its half (a direct reshard: 3/4); the
+  replicated one the 3/4 it lacks."""
+  pytest.importorskip("libtpu", reason="needs libtpu's v5p devices: pip install -e .[tpu-aot]")
+  mesh = sharding.make_mesh(1, 4, 1, devices=targets.target_devices(targets.get_target("v5p-8")))
+  params = rollout_weights.abstract_params(WIDE)
+  trainer = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params,
+                         sharding.state_shardings(params, mesh))
+  compiled = {}
+  for layout in ("tensor", "replicated"):
+    plan = rollout_weights.RolloutWeights.build(layout, WIDE, mesh)
+    with jax.set_mesh(plan.mesh):
+      compiled[layout] = jax.jit(plan.copy).lower(trainer).compile()
+  tensor, replicated = compiled["tensor"], compiled["replicated"]
+  tensor_bytes = (WIDE_SPLIT // 2 + WIDE_NORMS) * 2  # Its half of each split weight, the norms.
+  assert tensor.memory_analysis().output_size_in_bytes >= tensor_bytes == 19_940_352
+  moved = collectives.traffic(tensor.as_text())
+  assert moved.total_bytes == WIDE_SPLIT * 2 * 3 / 8 == 14_942_208  # The norms stay put.
+  assert moved.ops["all-gather"] > 0 and moved.ops["all-to-all"] > 0
+  assert tensor.memory_analysis().temp_size_in_bytes < MLP_STACK_BF16 / 2 < tensor_bytes / 4
+  assert collectives.traffic(replicated.as_text()).total_bytes == WIDE_SPLIT * 2 * 3 / 4
+  assert replicated.memory_analysis().temp_size_in_bytes < MLP_STACK_BF16 / 2

@@ -247,3 +247,23 @@ def test_trainer_samples_from_the_copy_and_keeps_its_params(tmp_path):
   assert max(jax.tree.leaves(changed)) > 1e-4  # The step moved the params ...
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params["replicated"],
                params["trainer"])  # ... as the step from the trainer's params did.
+
+
+def test_every_leaf_of_the_copy_is_the_params_in_bfloat16(fsdp_model):
+  """Layer by layer and through the trainer's split on the copy's mesh, each copy holds every
+  parameter rounded to bfloat16, placed as its plan says, from a (1, 8, 1) and a (2, 4, 1)
+  trainer mesh."""
+  model, mesh = fsdp_model
+  config = model.config.replace(dtype="bfloat16")
+  params = nnx.state(model)
+  expected = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), sharding.to_host(params))
+  data_mesh = sharding.make_mesh(2, 4, 1)
+  on_data_mesh = jax.device_put(params, sharding.state_shardings(params, data_mesh))
+  for trainer_mesh, trainer_params in ((mesh, params), (data_mesh, on_data_mesh)):
+    for layout in ("replicated", "tensor"):
+      plan = RolloutWeights.build(layout, config, trainer_mesh)
+      copy = plan.copy(trainer_params)
+      placed = zip(jax.tree.leaves(copy), jax.tree.leaves(plan.shardings), strict=True)
+      assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in placed)
+      assert {x.dtype for x in jax.tree.leaves(copy)} == {jnp.dtype(jnp.bfloat16)}
+      jax.tree.map(np.testing.assert_array_equal, sharding.to_host(copy), expected)
