@@ -148,6 +148,8 @@ def _per_batch_device(value, run):
 
 
 def _splits_a_step(micro_batches, run):
+  if micro_batches == "auto":
+    return None
   rows = run["rollout.prompts_per_step"] * run["rollout.group_size"]
   try:
     devices = run.batch_devices
@@ -157,6 +159,16 @@ def _splits_a_step(micro_batches, run):
     return (f"must split a step's rollout.prompts_per_step * rollout.group_size = {rows} rows "
             f"evenly on each of {devices} batch device(s)")
   return None
+
+
+def _micro_batches(value) -> str | None:
+  if value == "auto":
+    return None
+  problem = rules.integer(1)(value)
+  if problem and not isinstance(value, int):
+    problem += (" or auto (the fewest whose compiled update fits the chip's HBM: "
+                "prerl_jax/rl/micro_batch_budget.py)")
+  return problem
 
 
 def _writable_run_dir(run_dir, run):
@@ -241,7 +253,10 @@ SETTINGS = dict(
         grad_clip=S(1.0, rules.number(above=0, note="the largest global gradient norm")),
         b1=S(0.9, rules.number(0, below=1)),
         b2=S(0.999, rules.number(0, below=1)),
-        micro_batches=S(2, rules.integer(1), (_splits_a_step,)),
+        # "auto": the fewest that split a step whose compiled update fits the chip's HBM,
+        # resolved at start (prerl_jax/rl/micro_batch_budget.py; docs/configs.md).
+        micro_batches=S(config_dict.FieldReference(2, field_type=object), _micro_batches,
+                        (_splits_a_step,)),
         # The update scores packed rows (prerl_jax.rl.packing) rather than rows padded to the
         # longest response.
         pack=S(True, rules.boolean),
@@ -314,7 +329,8 @@ def _paper(c: ml_collections.ConfigDict, data_dir: str) -> None:
   # would need 146 GiB per chip on 8 chips (docs/dry_run_table.md).
   c.rollout.update(prompts_per_step=128, group_size=8, max_new_tokens=8192, temperature=1.0,
                    engine="continuous", live_rows=64, kv_cache_gib="auto")
-  c.optim.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0, micro_batches=16)
+  # micro_batches auto: the fewest whose update fits the chip (docs/configs.md).
+  c.optim.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0, micro_batches="auto")
   c.eval.update(every=20, samples_per_problem=32, temperature=1.0, max_new_tokens=8192)
   c.train.update(steps=348, checkpoint_every=10, keep_checkpoints=3, export_hf=True)
 

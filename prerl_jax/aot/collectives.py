@@ -200,7 +200,7 @@ def _parse(text: str) -> _Module:
       current = _Computation(header.group(2), {})
       computations[current.name] = current
       entry = current.name if header.group(1) else entry
-    elif current is not None and line.strip() == "}":
+    elif current is not None and re.fullmatch(r'\}(, execution_thread="\w+")?', line.strip()):
       current = None
     elif current is not None and line.strip():
       is_root, instruction = _parse_instruction(line)

@@ -19,6 +19,13 @@ the chip's HBM (the sampler programs compiled once more, for a pool of one seque
 their own bytes); the report's `pool` shows the budget's arithmetic, the pages per shard and the
 rows they feed at the cap, and an explicit kv_cache_gib the engine would refuse at start.
 
+The update is each schedule phase's train step over the largest batch a step brings, as the
+trainer lays it out (micro_batch_budget.largest_batch: every response at the cap, packed where
+optim.pack). With `optim.micro_batches=auto` its counts are compiled as the trainer's search
+compiles them (micro_batch_budget.py: the fewest whose peak + margin fits the target's HBM); the
+report's `micro_batches` is the count chosen, `micro_batches_auto` the counts tried with their
+peaks, and the update programs reported are the chosen count's.
+
 Per chip it reports the state (params, optimizer state, reference, float32 gradients, the
 rollout copy, KV cache), exact from the shardings, and per program the compiler's memory
 analysis: peak = arguments + outputs - donated aliases + temporaries + code, plus the train state
@@ -69,7 +76,6 @@ the projection adds the prefill, the copy, communication, and compute where it e
 import dataclasses
 import json
 import math
-import re
 import time
 
 import jax
@@ -85,11 +91,10 @@ from prerl_jax.aot import response_lengths as response_lengths_lib
 from prerl_jax.generate import continuous as continuous_lib, page_pool, pool_budget
 from prerl_jax.generate import rollout_weights, sampler as sampler_lib
 from prerl_jax.generate.decode import block_shapes, block_sharding
-from prerl_jax.models import presets
+from prerl_jax.models import attention, presets
 from prerl_jax.models.config import ModelConfig
 from prerl_jax.models.decoder import Decoder
-from prerl_jax.rl import train_step
-from prerl_jax.rl.batch import RolloutBatch
+from prerl_jax.rl import micro_batch_budget, train_step
 from prerl_jax.rl.objective import CONDITIONAL, MARGINAL
 from prerl_jax.rl.schedule import schedule_from_config
 
@@ -170,18 +175,6 @@ def _subjaxprs(params):
         yield item
 
 
-def _out_of_memory_temporaries(error: Exception) -> float | None:
-  """The temporaries a compiler's out-of-memory error names, in bytes (None: another error).
-
-  libtpu refuses a program that does not fit: "... memory required for HLO temporaries
-  (151.03G) exceeds available HBM (95.74G)" (G: GiB).
-  """
-  found = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT]?)\)", str(error), re.S)
-  if not found:
-    return None
-  return float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
-
-
 def compile_program(program: Program, target: targets_lib.Target) -> dict:
   """Compiles a program for the target; its memory, FLOPs, collective traffic and projected
   seconds (module docstring).
@@ -195,7 +188,7 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
   try:
     compiled = program.traced.lower().compile(target.compile_options)
   except jax.errors.JaxRuntimeError as error:
-    temporaries = _out_of_memory_temporaries(error)
+    temporaries = micro_batch_budget.refused_temporaries(error)
     if temporaries is None:
       raise
     compiled, status = None, "refused: out of memory"
@@ -259,18 +252,6 @@ def compile_program(program: Program, target: targets_lib.Target) -> dict:
 def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
-
-
-def _batch(rows: int, prompt_len: int, response_len: int, mesh) -> RolloutBatch:
-  shapes = {"prompt_tokens": ((rows, prompt_len), jnp.int32),
-            "prompt_mask": ((rows, prompt_len), jnp.bool_),
-            "response_tokens": ((rows, response_len), jnp.int32),
-            "response_mask": ((rows, response_len), jnp.bool_),
-            "sampler_logp": ((rows, response_len), jnp.float32),
-            "rewards": ((rows,), jnp.float32)}
-  return RolloutBatch(**{k: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-      for k, (shape, dtype) in shapes.items()})
 
 
 def model_config_for(config: ml_collections.ConfigDict,
@@ -638,31 +619,51 @@ def lengths_projection(config: ml_collections.ConfigDict, shapes: StepShapes,
           **({"per_step": per_step} if len(per_step) > 1 else {})}
 
 
-def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes) -> list[Program]:
-  """Each schedule phase's train step with its micro-batching, at the full response width."""
-  rollout, optim, mesh = config.rollout, config.optim, shapes.mesh
-  batch = _batch(shapes.rows, shapes.prompt_width, rollout.max_new_tokens, mesh)
+def train_programs(config: ml_collections.ConfigDict, shapes: StepShapes,
+                   micro_batches: int) -> list[Program]:
+  """Each schedule phase's train step as the trainer runs it with `micro_batches`, over the
+  largest batch a step brings (micro_batch_budget.py: every response at the cap, packed as the
+  trainer packs it where optim.pack)."""
   state = shapes.state
   weights = _compute_weights_bytes(shapes)
   state_bytes = per_device_bytes((state.params, state.opt_state, state.reference))
-  bos_id = max(config.model.marginal_bos_id, 0)  # Its value does not change the program.
+  share_prompts = config.optim.share_prompts and attention.supports_branches(
+      shapes.model.attention)  # As the trainer decides (Trainer._share_prompts).
   programs = []
-  for phase in schedule_from_config(config.objective).phases:
-    objective = phase.objective
-    step = train_step.make_train_step(
-        shapes.graphdef, objective, shapes.optimizer, group_size=rollout.group_size,
-        micro_batches=optim.micro_batches, bos_id=bos_id, temperature=rollout.temperature,
-        other_space_metrics=bool(config.train.log_both_spaces), mesh=mesh, state=state)
+  for objective, traced, batch in micro_batch_budget.update_programs(
+      config, shapes.graphdef, shapes.optimizer, state, shapes.mesh, micro_batches,
+      prompt_width=shapes.prompt_width, share_prompts=share_prompts,
+      bos_id=max(config.model.marginal_bos_id, 0)):  # Its value does not change the program.
     # A forward per scored space, a backward (and a rematerialized forward) per trained space.
     spaces = {CONDITIONAL, MARGINAL} if config.train.log_both_spaces else set(objective.spaces)
     passes = len(spaces) + len(objective.spaces) * (1 if shapes.model.remat == "none" else 2)
-    moved = 2 * state_bytes + per_device_bytes(batch) + optim.micro_batches * passes * weights
+    moved = 2 * state_bytes + per_device_bytes(batch) + micro_batches * passes * weights
     arguments = ((state.params, state.opt_state, state.reference), batch)
-    programs.append(Program(f"train:{objective.name}", "update", step.trace(state, batch),
-                            arguments, moved))
+    programs.append(Program(f"train:{objective.name}", "update", traced, arguments, moved))
   return programs
 
 
+def update_stage(config: ml_collections.ConfigDict, shapes: StepShapes,
+                 target: targets_lib.Target) -> tuple[list[dict], dict | None]:
+  """The compiled train programs (`compile_program`) at optim.micro_batches, and for `auto` the
+  `micro_batch_budget.Choice` for the target's HBM (as a dict), whose compiles they are."""
+  count = config.optim.micro_batches
+  if count != "auto":
+    return [compile_program(p, target) for p in train_programs(config, shapes, count)], None
+  compiled = {}
+
+  def measure(micro_batches: int) -> micro_batch_budget.Tried:
+    compiled[micro_batches] = [compile_program(p, target)
+                               for p in train_programs(config, shapes, micro_batches)]
+    top = max(compiled[micro_batches], key=lambda p: p["compiler_peak_bytes"])
+    refused = any(p["compiler_status"] != "compiled" for p in compiled[micro_batches])
+    return micro_batch_budget.Tried(micro_batches, top["compiler_peak_bytes"], top["temp_bytes"],
+                                    refused)
+
+  choice = micro_batch_budget.fewest_fitting(measure, shapes.rows,
+                                             sharding.batch_devices(shapes.mesh),
+                                             target.hbm_bytes)
+  return compiled[choice.micro_batches], choice.as_dict()
 
 
 def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | None = None,
@@ -691,7 +692,7 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
     sample = copy + [compile_program(p, target)
                      for p in sampler_programs(config, shapes, side)]
   with jax.set_mesh(mesh):
-    updates = [compile_program(p, target) for p in train_programs(config, shapes)]
+    updates, micro_batches_auto = update_stage(config, shapes, target)
   programs = sample + updates
   update = max(updates, key=lambda p: p["projected_s"])
   counted = sample + [update]  # A step runs every sample program and its phase's update.
@@ -717,7 +718,9 @@ def dry_run(config: ml_collections.ConfigDict, target: str, mesh_sizes: dict | N
       "rows": shapes.rows,
       "prompt_width": shapes.prompt_width,
       "max_new_tokens": config.rollout.max_new_tokens,
-      "micro_batches": config.optim.micro_batches,
+      "micro_batches": (micro_batches_auto or {}).get("micro_batches",
+                                                      config.optim.micro_batches),
+      **({"micro_batches_auto": micro_batches_auto} if micro_batches_auto else {}),
       "batch_devices": sharding.batch_devices(mesh),
       "bytes_per_chip": {**shapes.bytes, "rollout_copy": side.copy_bytes, "kv_cache": kv_cache},
       **({"pool": pool} if pool else {}),

@@ -1,8 +1,7 @@
 """A dry-run report in words: which knob makes a program fit, and the human summary."""
 
-import math
-
 from prerl_jax.aot import response_lengths
+from prerl_jax.rl import micro_batch_budget
 
 GIB = 2**30
 
@@ -23,14 +22,10 @@ def micro_batches_to_fit(report: dict, program: dict) -> int | None:
   per-row buffers do; per-layer weights do not), so the proportional estimate is optimistic.
   Micro-batches must split the rows evenly over the batch devices.
   """
-  hbm = program["hbm_bytes_per_chip"]
-  fixed = program["peak_bytes_per_chip"] - program["temp_bytes"]
-  if fixed >= hbm:
-    return None
-  needed = math.ceil(report["micro_batches"] * program["temp_bytes"] / (hbm - fixed))
-  rows, batch_devices = report["rows"], report["batch_devices"]
-  return next((m for m in range(max(needed, 1), rows + 1)
-               if rows % m == 0 and (rows // m) % batch_devices == 0), None)
+  return micro_batch_budget.proportional_fewest(
+      report["micro_batches"], program["temp_bytes"],
+      program["peak_bytes_per_chip"] - program["temp_bytes"], program["hbm_bytes_per_chip"],
+      micro_batch_budget.valid_counts(report["rows"], report["batch_devices"]))
 
 
 def advice(report: dict) -> list[str]:
@@ -70,7 +65,8 @@ def advice(report: dict) -> list[str]:
     needed = micro_batches_to_fit(report, program)
     if needed:
       knobs.append(f"optim.micro_batches of at least {needed} (now {report['micro_batches']}; "
-                   "a lower bound, as temporaries shrink at most in proportion to rows)")
+                   "a lower bound, as temporaries shrink at most in proportion to rows; "
+                   "optim.micro_batches=auto compiles the counts to find the fewest that fits)")
     knobs.append("more fsdp chips")
     notes.append(head + ", or ".join(knobs) + f" (one layer's float32 attention scores take "
                  f"{attention_scores_bytes(report) / GIB:.1f} GiB per chip; past one row per "
@@ -118,7 +114,10 @@ def format_report(report: dict) -> str:
       f"{m['hidden_size']}, params {m['param_dtype']}, compute {m['dtype']}, remat={m['remat']},"
       f" attention={m['attention']};"
       f" mesh {report['mesh']}; {report['rows']} rows, prompt {report['prompt_width']}, new "
-      f"tokens {report['max_new_tokens']}, micro-batches {report['micro_batches']}",
+      f"tokens {report['max_new_tokens']}, micro-batches {report['micro_batches']}"
+      + (" (auto)" if "micro_batches_auto" in report else ""),
+      *([f"optim.micro_batches=auto: {report['micro_batches_auto']['text']}"]
+        if "micro_batches_auto" in report else []),
       f"per chip (GiB): params {_gib(b['params'])}, optimizer state {_gib(b['opt_state'])}, "
       f"reference {_gib(b['reference'])}, gradients (f32) {_gib(b['gradients'])}, rollout copy "
       f"{_gib(b['rollout_copy'])}, KV cache {_gib(b['kv_cache'])}; HBM {_gib(peaks['hbm_bytes'])}",

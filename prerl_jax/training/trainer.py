@@ -28,7 +28,7 @@ from prerl_jax.training.run_logging import RunLogger, truncate_metrics_after
 from prerl_jax.generate.sampler import prompt_batch
 from prerl_jax.training.evaluator import Evaluator
 from prerl_jax.models.tokenizer import chat_turn_start_id
-from prerl_jax.rl import packing
+from prerl_jax.rl import micro_batch_budget, packing
 from prerl_jax.rl.batch import RolloutBatch, from_samples
 from prerl_jax.rl.train_step import (enter_phase, init_train_state, make_optimizer,
                                      make_train_step, scored_spaces)
@@ -70,10 +70,23 @@ class Trainer:
                                                  with_reference=kl_on, mesh=self.mesh)
     bos = config.model.marginal_bos_id
     self.bos_id = bos if bos >= 0 else chat_turn_start_id(self.tokenizer)
+    self.micro_batches = self._micro_batches()
     self._steps = {}
     self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
                                      keep=config.train.keep_checkpoints)
     self.logger = RunLogger(self.run_dir)
+
+  def _micro_batches(self) -> int:
+    """optim.micro_batches, `auto` resolved once for the device's HBM (logged:
+    prerl_jax/rl/micro_batch_budget.py)."""
+    count = self.config.optim.micro_batches
+    if count != "auto":
+      return count
+    with jax.set_mesh(self.mesh):  # The train step is traced under the run's mesh.
+      return micro_batch_budget.resolve(
+          self.config, self.graphdef, self.optimizer, self.state, self.mesh,
+          prompt_width=self.sampling.bucket(self.config.data.max_prompt_length),
+          bos_id=self.bos_id, share_prompts=self._share_prompts()).micro_batches
 
   # -- pieces of a step ---------------------------------------------------------------------
 
@@ -81,7 +94,7 @@ class Trainer:
     if (objective, both_spaces) not in self._steps:
       self._steps[objective, both_spaces] = make_train_step(
           self.graphdef, objective, self.optimizer, group_size=self.config.rollout.group_size,
-          micro_batches=self.config.optim.micro_batches, bos_id=self.bos_id,
+          micro_batches=self.micro_batches, bos_id=self.bos_id,
           temperature=self.config.rollout.temperature, other_space_metrics=both_spaces,
           mesh=self.mesh, state=self.state, packed=self.config.optim.pack)
     return self._steps[objective, both_spaces]
@@ -208,7 +221,7 @@ class Trainer:
       return sharding.shard_batch(rollout, self.mesh)
     packed = packing.pack(
         rollout, scored_spaces(objective, both_spaces),
-        micro_batches=optim.micro_batches, row_tokens=optim.row_tokens, bos_id=self.bos_id,
+        micro_batches=self.micro_batches, row_tokens=optim.row_tokens, bos_id=self.bos_id,
         multiple_of=sharding.batch_devices(self.mesh), share_prompts=self._share_prompts())
     return packing.shard(packed, self.mesh)
 
