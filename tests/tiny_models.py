@@ -55,3 +55,13 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
                 attention_mask=torch.tensor(mask, dtype=torch.long),
                 position_ids=torch.tensor(positions, dtype=torch.long))
   return out.logits.float().numpy()
+
+
+def hf_greedy(model, tokens: np.ndarray, mask: np.ndarray, max_new: int, stop, pad: int):
+  """Transformers' greedy decode: the [N, max_new] new tokens, padded with `pad` after a stop."""
+  with torch.no_grad():
+    out = model.generate(torch.tensor(tokens).long(), attention_mask=torch.tensor(mask).long(),
+                         do_sample=False, max_new_tokens=max_new, eos_token_id=list(stop),
+                         pad_token_id=pad)
+  response = out[:, tokens.shape[1]:].numpy()
+  return np.pad(response, ((0, 0), (0, max_new - response.shape[1])), constant_values=pad)

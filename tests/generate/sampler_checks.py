@@ -1,10 +1,9 @@
-"""Checks shared by the sampler tests: tiny prompts, transformers' greedy decode, teacher-forced
-log-probs and the tokens top-k / top-p may emit."""
+"""Checks shared by the sampler tests: tiny prompts, teacher-forced log-probs and the tokens
+top-k / top-p may emit."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import tiny_models
 from prerl_jax.models.decoder import positions_from_mask
@@ -17,15 +16,6 @@ BUCKETS = (8, 16, 32)
 def _prompts(lengths, seed=0, vocab=128):
   rng = np.random.default_rng(seed)
   return [rng.integers(3, vocab, length).tolist() for length in lengths]
-
-
-def _hf_greedy(hf_model, tokens, mask, max_new, stop, pad):
-  with torch.no_grad():
-    out = hf_model.generate(torch.tensor(tokens).long(), attention_mask=torch.tensor(mask).long(),
-                            do_sample=False, max_new_tokens=max_new, eos_token_id=list(stop),
-                            pad_token_id=pad)
-  response = out[:, tokens.shape[1]:].numpy()
-  return np.pad(response, ((0, 0), (0, max_new - response.shape[1])), constant_values=pad)
 
 
 def _teacher_forced_logp(model, out, temperature):

@@ -15,7 +15,7 @@ from prerl_jax.generate.continuous import ContinuousSampler, PoolConfig
 from prerl_jax.generate.sampler import SamplingConfig, prompt_batch
 from prerl_jax.kernels.cpu import library as cpu_kernels
 from prerl_jax.models.loading import load_model
-from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _hf_greedy, _prompts, \
+from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _prompts, \
     _teacher_forced_logp
 
 # Ten stop ids: about one draw in thirteen stops a tiny model's row, so lengths vary.
@@ -36,7 +36,7 @@ def test_greedy_matches_transformers(tiny, family):
   prompts = _prompts((5, 9, 3, 12))
   out = _sample(model, prompts, config, rows=3, page_size=4, chunk_steps=5)
   tokens, mask = prompt_batch(prompts, config)
-  expected = _hf_greedy(hf_model, tokens, mask, 24, (STOP,), PAD)
+  expected = tiny_models.hf_greedy(hf_model, tokens, mask, 24, (STOP,), PAD)
   np.testing.assert_array_equal(out.tokens_NxM, expected)
   assert len(np.unique(expected)) > 3
 

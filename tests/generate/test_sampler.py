@@ -1,21 +1,19 @@
-"""Fused sampler: greedy parity with transformers, log-prob parity with teacher forcing,
-top-k / top-p support, stop tokens, bounded compilations, and sharded sampling."""
+"""Fused sampler: greedy parity with transformers (SmolLM2's is in tests/models/test_smollm2.py),
+log-prob parity with teacher forcing, top-k / top-p support, stop tokens, bounded compilations,
+and sharded sampling."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 
 import tiny_models
 from prerl_jax import sharding
 from prerl_jax.models.loading import load_model
-from prerl_jax.models.presets import smollm2_gguf_path
 from prerl_jax.generate.sampler import Sampler, SamplingConfig, _categorical, prompt_batch
 from kernel_marks import needs_cpu_kernels
-from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _hf_greedy, _prompts, \
+from sampler_checks import BUCKETS, PAD, STOP, _allowed, _gather, _prompts, \
     _teacher_forced_logp
 
 KERNELS = ["xla", pytest.param("cpu", marks=needs_cpu_kernels)]
@@ -30,28 +28,9 @@ def test_greedy_matches_transformers_tiny(tiny, family, kernels):
   tokens, mask = prompt_batch(_prompts((5, 9, 3, 12)), config)
   out = Sampler(model, kernels=kernels).sample(nnx.state(model), tokens, mask,
                                                    jax.random.key(0), config)
-  expected = _hf_greedy(hf_model, tokens, mask, 32, (STOP,), PAD)
+  expected = tiny_models.hf_greedy(hf_model, tokens, mask, 32, (STOP,), PAD)
   np.testing.assert_array_equal(np.asarray(out.tokens_NxM), expected)
   assert len(np.unique(expected)) > 3  # The rows are not one repeated token.
-
-
-@pytest.mark.slow
-def test_greedy_matches_transformers_smollm2(smollm2):
-  model, tokenizer = smollm2
-  folder, name = smollm2_gguf_path().rsplit("/", 1)
-  hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                               dtype=torch.float32).eval()
-  texts = ("The capital of France is", "def add(a, b):\n", "Once upon a time, in a land far "
-           "away, there lived a", "Q: What is 7 times 8?\nA:")
-  config = SamplingConfig.from_tokenizer(tokenizer, max_new_tokens=32, greedy=True,
-                                         prompt_buckets=(32,))
-  tokens, mask = prompt_batch([tokenizer(t)["input_ids"] for t in texts], config)
-  assert len(set(mask.sum(axis=1))) == 4
-  out = Sampler(model).sample(nnx.state(model), tokens, mask, jax.random.key(0), config)
-  expected = _hf_greedy(hf_model, tokens, mask, 32, config.stop_ids, config.pad_id)
-  for row in range(len(texts)):
-    np.testing.assert_array_equal(np.asarray(out.tokens_NxM[row]), expected[row],
-                                  err_msg=texts[row])
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

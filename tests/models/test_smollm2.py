@@ -1,18 +1,40 @@
-"""SmolLM2-135M from its GGUF file: parity with transformers' own GGUF loading, and export."""
+"""SmolLM2-135M from its GGUF file: parity with transformers' own GGUF loading (logits and greedy
+decode), and export. All slow: they share one GGUF load of each model, so they run together."""
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
+import tiny_models
+from prerl_jax.generate.sampler import Sampler, SamplingConfig, prompt_batch
 from prerl_jax.models.export import export_hf
 from prerl_jax.models.decoder import positions_from_mask
+from prerl_jax.models.loading import load_model
 from prerl_jax.models.presets import smollm2_gguf_path
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ("The capital of France is", "What is 12 + 35? Answer:", "def fibonacci(n):\n    ")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  """(model, tokenizer) of the bundled SmolLM2-135M GGUF."""
+  return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def transformers_model():
+  """transformers' own loading of the same GGUF file."""
+  folder, name = os.path.split(smollm2_gguf_path())
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                           dtype=torch.float32).eval()
 
 
 def _batch(tokenizer):
@@ -26,13 +48,6 @@ def _batch(tokenizer):
   return tokens, mask
 
 
-def _torch_logits(model, tokens, mask):
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-  with torch.no_grad():
-    return model(input_ids=torch.tensor(tokens).long(), attention_mask=torch.tensor(mask).long(),
-                 position_ids=torch.tensor(positions).long()).logits.numpy()
-
-
 @pytest.fixture(scope="module")
 def our_logits(smollm2):
   model, tokenizer = smollm2
@@ -43,13 +58,9 @@ def our_logits(smollm2):
 
 
 @pytest.fixture(scope="module")
-def transformers_logits(our_logits):
-  """Logits of transformers' own loading of the same GGUF file."""
-  folder, name = os.path.split(smollm2_gguf_path())
-  reference_model = transformers.AutoModelForCausalLM.from_pretrained(
-      folder, gguf_file=name, dtype=torch.float32).eval()
+def transformers_logits(transformers_model, our_logits):
   _, tokens, mask = our_logits
-  return _torch_logits(reference_model, tokens, mask)
+  return tiny_models.hf_logits(transformers_model, tokens, mask)
 
 
 def test_gguf_logits_match_transformers_gguf_loading(our_logits, transformers_logits):
@@ -59,6 +70,22 @@ def test_gguf_logits_match_transformers_gguf_loading(our_logits, transformers_lo
   assert ours[0, -1].argmax() == reference[0, -1].argmax()
 
 
+def test_greedy_matches_transformers_gguf_loading(smollm2, transformers_model):
+  model, tokenizer = smollm2
+  texts = ("The capital of France is", "def add(a, b):\n", "Once upon a time, in a land far "
+           "away, there lived a", "Q: What is 7 times 8?\nA:")
+  config = SamplingConfig.from_tokenizer(tokenizer, max_new_tokens=32, greedy=True,
+                                         prompt_buckets=(32,))
+  tokens, mask = prompt_batch([tokenizer(t)["input_ids"] for t in texts], config)
+  assert len(set(mask.sum(axis=1))) == 4
+  out = Sampler(model).sample(nnx.state(model), tokens, mask, jax.random.key(0), config)
+  expected = tiny_models.hf_greedy(transformers_model, tokens, mask, 32, config.stop_ids,
+                                   config.pad_id)
+  for row in range(len(texts)):
+    np.testing.assert_array_equal(np.asarray(out.tokens_NxM[row]), expected[row],
+                                  err_msg=texts[row])
+
+
 def test_export_reloads_in_transformers_with_same_logits(smollm2, our_logits, transformers_logits,
                                                          tmp_path):
   model, tokenizer = smollm2
@@ -66,7 +93,7 @@ def test_export_reloads_in_transformers_with_same_logits(smollm2, our_logits, tr
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
                                                                dtype=torch.float32).eval()
   ours, tokens, mask = our_logits
-  reloaded_logits = _torch_logits(reloaded, tokens, mask)
+  reloaded_logits = tiny_models.hf_logits(reloaded, tokens, mask)
   # Same weights in the same framework as transformers' GGUF loading: equal up to float32 noise.
   assert np.abs(reloaded_logits - transformers_logits)[mask].max() <= 1e-5
   assert np.abs(reloaded_logits - ours)[mask].max() <= 1e-3
