@@ -1,5 +1,6 @@
 """Device mesh and logical-axis sharding rules: model code names logical axes, never mesh axes."""
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -146,6 +147,32 @@ def to_host(tree):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):
+  """`x` laid out by its logical axes on the mesh in context (`jax.set_mesh`).
+
+  Unchanged without a mesh of several devices or inside `shard_map` (manual axes). Model code
+  pins its activations so (rows over the batch axes), else XLA's partitioner may keep the
+  weights' fsdp split and all-reduce activations instead of gathering weights. Programs given a
+  mesh trace under it (`traced_on`), whatever the caller's context.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+
+
+def traced_on(mesh: Mesh | None, fn):
+  """`fn`, traced with `mesh` as the mesh in context (for `constrain`); `fn` itself when None."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def on_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return on_mesh
 
 
 def per_device_bytes(tree) -> int:

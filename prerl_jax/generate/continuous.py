@@ -241,12 +241,12 @@ class ContinuousSampler:
     self.shards = page_pool.shards(mesh, rules)
     self.kernels = resolve_kernels(kernels, model.config.compute_dtype, mesh, "ContinuousSampler")
     code = CPU_CODE if self.kernels == "cpu" else xla_code(attention, mesh, rules)
-    self._prefill = jax.jit(functools.partial(_prefill_program, self.graphdef,
-                                              attention=attention, mesh=mesh, rules=rules),
-                            donate_argnums=(1,))
+    self._prefill = jax.jit(sharding.traced_on(mesh, functools.partial(
+        _prefill_program, self.graphdef, attention=attention, mesh=mesh, rules=rules)),
+        donate_argnums=(1,))
     self._pack = jax.jit(lambda state: code.pack(nnx.merge(self.graphdef, state)))
-    self._decode = jax.jit(functools.partial(_decode_program, self.graphdef, code=code),
-                           static_argnums=(5, 6), donate_argnums=(2,))
+    self._decode = jax.jit(sharding.traced_on(mesh, functools.partial(
+        _decode_program, self.graphdef, code=code)), static_argnums=(5, 6), donate_argnums=(2,))
     self._copy = jax.jit(functools.partial(page_pool.copy_pages, mesh=mesh, rules=rules),
                          donate_argnums=(0,))
 

@@ -344,7 +344,7 @@ class Sampler:
     prompts = sharding.batch_sharding(mesh, 2, rules)
     self._batch_devices = sharding.batch_devices(mesh, rules)
     self._program = jax.jit(
-        program, static_argnums=static,
+        sharding.traced_on(mesh, program), static_argnums=static,
         in_shardings=(None, prompts, prompts, sharding.replicated(mesh)),  # State as placed.
         out_shardings=SampleOutput(tokens_NxM=prompts, lengths_N=rows, logprobs_NxM=prompts,
                                    truncated_N=rows, prompt_tokens_NxP=prompts,

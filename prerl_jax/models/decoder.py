@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prerl_jax import sharding
 from prerl_jax.models import attention, remat, rope
 from prerl_jax.models.config import ModelConfig
 
@@ -33,6 +34,9 @@ LAYER_AXES = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
+# The residual stream between layers: rows over the batch axes, the model dimension whole (kept
+# so at each layer's ends: `sharding.constrain`).
+ACTIVATION_AXES = ("batch", "length", None)
 # How many leading axes of each product's weight it contracts (the rest are its outputs).
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 # Per-layer KV cache blocks (prerl_jax.generate.decode). Keys are kept transposed (head_dim before slots)
@@ -107,9 +111,10 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend,
 
   `attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)` does the attention for the new tokens' queries, keys
   and values against whatever cache it keeps, and returns (attended_BxTxNxH, aux); the layer
-  returns (x_BxTxD, aux).
+  returns (x_BxTxD, aux). Under a mesh, x enters and leaves split by rows (`ACTIVATION_AXES`).
   """
   eps = config.rms_norm_eps
+  x_BxTxD = sharding.constrain(x_BxTxD, ACTIVATION_AXES)
   h = ops.norm(x_BxTxD, w["attn_norm"], eps)
   q, k, v = ops.product(h, w["wq"]), ops.product(h, w["wk"]), ops.product(h, w["wv"])
   if config.attention_bias:
@@ -122,7 +127,7 @@ def decoder_layer(config: ModelConfig, x_BxTxD, w: dict, rotation, attend,
   x = ops.product(attended.reshape(*attended.shape[:2], -1), w["wo"], residual=x_BxTxD)
   h = ops.norm(x, w["mlp_norm"], eps)
   gated = ops.gated_product(h, w["w_gate"], w["w_up"])
-  return ops.product(gated, w["w_down"], residual=x), aux
+  return sharding.constrain(ops.product(gated, w["w_down"], residual=x), ACTIVATION_AXES), aux
 
 
 class Decoder(nnx.Module):

@@ -296,6 +296,7 @@ def make_train_step(graphdef, objective: Objective, optimizer, *, group_size: in
                      "the state shardings")
   state_shardings = train_state_shardings(state, mesh)
   batch_shardings = None if packed else sharding.batch_sharding(mesh, 1)  # Packed: as placed.
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(sharding.traced_on(mesh, step),
+                 in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnames=("state",))
