@@ -28,12 +28,13 @@ def test_xla_gpu_compiles_the_tiny_train_step_for_an_h100_host():
   target = targets.get_target("h100x8")
   assert target.compiler == "xla-gpu"
   config = tiny_config()
+  config.optim.pack = False  # The batch bytes below are a padded RolloutBatch's.
   mesh = dry_run.make_target_mesh(target, None)
   assert {(d.platform, d.device_kind) for d in mesh.devices.flat} == {
       ("gpu", "NVIDIA H100 80GB HBM3")}
   with jax.set_mesh(mesh):
     shapes = dry_run.step_shapes(config, mesh, dataclasses.replace(TINY, attention="chunked"))
-    (program,) = dry_run.train_programs(config, shapes)
+    (program,) = dry_run.train_programs(config, shapes, config.optim.micro_batches)
     train = dry_run.compile_program(program, target)
   params = PARAM_ELEMENTS_PER_CHIP * 4
   assert shapes.bytes["params"] == params == 40192
