@@ -329,8 +329,11 @@ def _paper(c: ml_collections.ConfigDict, data_dir: str) -> None:
   # would need 146 GiB per chip on 8 chips (docs/dry_run_table.md).
   c.rollout.update(prompts_per_step=128, group_size=8, max_new_tokens=8192, temperature=1.0,
                    engine="continuous", live_rows=64, kv_cache_gib="auto")
-  # micro_batches auto: the fewest whose update fits the chip (docs/configs.md).
-  c.optim.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0, micro_batches="auto")
+  # micro_batches auto: the fewest whose update fits the chip (docs/configs.md). Rows of 9,216
+  # tokens hold the longest segment (1,024 + 8,192): one compiled width, where the doubling
+  # default would pad a capped segment into a 16,384-token row.
+  c.optim.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0, micro_batches="auto",
+                 row_tokens=9216)
   c.eval.update(every=20, samples_per_problem=32, temperature=1.0, max_new_tokens=8192)
   c.train.update(steps=348, checkpoint_every=10, keep_checkpoints=3, export_hf=True)
 

@@ -49,8 +49,11 @@ NOTES = (
     "steps x (W + R x (P + N / 2) x B) / HBM bandwidth, with W the bfloat16 weights a chip's "
     "decode step reads, R the live rows of its shard, P the 1024-token prompt, N the 8192-token "
     "cap and B one position's keys and values on the chip (prerl_jax/aot/dry_run.py). The update "
-    "is compiled at the full 8192-token width with `model.attention=auto` (splash on TPU, "
-    "chunked on GPU, where cuDNN's kernel cannot compile without a device). \"knob\" is the "
+    "is the trainer's packed program with every response at the cap (one 9215-token segment a "
+    "row), compiled for the fewest micro-batches that fit (prerl_jax/rl/micro_batch_budget.py), "
+    "with `model.attention=auto` (splash on TPU, chunked on GPU, where cuDNN's kernel cannot "
+    "compile without a device); the pinned activations keep its collectives to fsdp's weight "
+    "gathers and gradient reductions (prerl_jax/sharding.py `constrain`). \"knob\" is the "
     "first advice of the dry run for the program that misses by most.")
 
 
@@ -67,8 +70,7 @@ def _args():
   parser.add_argument("--targets", default="v5p-16,v5p-32,v5p-64,v6e-16,h100x8,h200x8")
   parser.add_argument("--models", default="qwen3-4b,qwen3-8b")
   parser.add_argument(
-      "--tuned", default="qwen3-4b:h100x8:optim.micro_batches=32;"
-      "qwen3-8b:h100x8:optim.micro_batches=64",
+      "--tuned", default="",
       help="extra cells, model:target:key=value,... separated by ';' (settings changed from the "
            "paper preset for a target where it does not fit)")
   parser.add_argument("--cache_dir", default=os.path.join(ROOT, "runs", "dry_run_table"))
@@ -105,6 +107,7 @@ def _row(model: str, report: dict, settings: str = "") -> str:
   split = lambda stage: (f"{seconds[stage][0]:.0f} + "
                          + ("?" if stage in unknown else f"{seconds[stage][1]:.0f}"))
   return (f"| {model} | {where} | {compiler} | {report.get('rollout_weights', 'trainer')} | "
+          f"{report['micro_batches']} | "
           f"{(b['params'] + b['opt_state']) / GIB:.1f} | {b['kv_cache'] / GIB:.1f} | "
           f"{_gib(sampler)} | {_gib(train)} | {report['peaks']['hbm_bytes'] / GIB:.1f} | "
           f"{'yes' if report['fits'] else 'no'} | {knob} | {split('sample')} | "
@@ -146,17 +149,19 @@ def main():
     print(timings[-1], flush=True)
     rows.append(_row(model, report, settings))
   header = [
-      "| model | target | compiler | weights | params + Adam GiB/chip | KV pool GiB/chip | "
+      "| model | target | compiler | weights | micro-batches | params + Adam GiB/chip | "
+      "KV pool GiB/chip | "
       "sampler peak GiB/chip | train peak GiB/chip | HBM GiB | fits | knob | sample s (compute or "
       "memory + comm) | sample roofline s | update s (compute or memory + comm) | step s | "
       "step s overlapped |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   command = (f"python launch/dry_run_table.py --targets={args.targets} --models={args.models} "
              f"--tuned='{args.tuned}'")
   text = "\n".join([
       "Paper-scale DSRL (`configs/dsrl.py:paper`: 128 prompts x 8 responses, prompt bucket 1024,"
-      " 8192 new tokens, float32 params and Adam, bfloat16 compute, remat, 16 micro-batches),"
+      " 8192 new tokens, float32 params and Adam, bfloat16 compute, remat, packed rows of 9216"
+      " tokens, `optim.micro_batches=auto`: the fewest whose update fits, shown per row),"
       " all chips on fsdp, compiled ahead of time on a CPU host without accelerators. Generated"
       " by", "", f"    {command}", "",
       "(one cell, as JSON: `python launch/tpu_run.py --config=configs/dsrl.py:paper,"
