@@ -39,14 +39,20 @@ def sample(model, pool: PoolConfig, in_use: float | None = None, hbm: float = 2 
   return sampler, out
 
 
-def test_auto_without_a_memory_limit_is_the_default_pool(model):
+@pytest.fixture(scope="module")
+def reference_tokens(model):
+  """The tokens the default pool samples: the same whatever size the pool has."""
+  _, out = sample(model, PoolConfig(rows=4, page_size=4))
+  return np.asarray(out.tokens_NxM)
+
+
+def test_auto_without_a_memory_limit_is_the_default_pool(model, reference_tokens):
   sampler, out = sample(model, PoolConfig(rows=4, page_size=4, kv_cache_gib="auto"))
   assert (sampler.pool.kv_cache_gib, sampler.pool.pages) == (None, None)
-  _, reference = sample(model, PoolConfig(rows=4, page_size=4))
-  np.testing.assert_array_equal(out.tokens_NxM, reference.tokens_NxM)
+  np.testing.assert_array_equal(out.tokens_NxM, reference_tokens)
 
 
-def test_auto_takes_the_hbm_left_once(model, monkeypatch):
+def test_auto_takes_the_hbm_left_once(model, reference_tokens, monkeypatch):
   pool = PoolConfig(rows=4, page_size=4, kv_cache_gib="auto")
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
   probe = ContinuousSampler(model, pool, kernels="xla")
@@ -58,8 +64,7 @@ def test_auto_takes_the_hbm_left_once(model, monkeypatch):
   sampler, out = sample(model, pool, in_use=0.5 * GIB, monkeypatch=monkeypatch)
   assert sampler.pool.pages == int(free // PAGE) == pool_budget.pool_pages(
       pool_budget.Budget(2 * GIB, 0.5 * GIB - weights, weights, programs), TINY, 4)
-  _, reference = sample(model, PoolConfig(rows=4, page_size=4))
-  np.testing.assert_array_equal(out.tokens_NxM, reference.tokens_NxM)
+  np.testing.assert_array_equal(out.tokens_NxM, reference_tokens)
   # Sized once: a later call (even with less memory free) keeps the pool and its programs.
   monkeypatch.setattr(pool_budget, "device_hbm_and_in_use", lambda mesh: (2 * GIB, 2 * GIB))
   tokens, mask = prompt_batch(PROMPTS, CONFIG)
