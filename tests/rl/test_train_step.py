@@ -152,23 +152,31 @@ def test_dsrl_switch_step_and_resets():
                                                   jax.tree.leaves(reference))) > 1e-4
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
-def test_sharded_step_equals_single_device(mesh_shape):
-  assert jax.device_count() == 8
-  objective = oc.get_objective("grpo", space="both", kl_coef=0.05)
+SHARDED_OBJECTIVE = oc.get_objective("grpo", space="both", kl_coef=0.05)
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+  """(optimizer, batch, host copy of the state and metrics) of one single-device step, the
+  reference of both mesh shapes (make_train_step's program is compiled once per call)."""
   optimizer = optax.sgd(0.5)
   batch = make_batch(rows=16)
   graphdef, state = train_step.init_train_state(random_model(CONFIG), optimizer,
                                                 with_reference=True)
-  single = train_step.make_train_step(graphdef, objective, optimizer, group_size=GROUP,
+  single = train_step.make_train_step(graphdef, SHARDED_OBJECTIVE, optimizer, group_size=GROUP,
                                       micro_batches=2, bos_id=BOS)
-  expected_state, expected = host(single(state, batch))
+  return optimizer, batch, host(single(state, batch))
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
+def test_sharded_step_equals_single_device(mesh_shape, single_device_step):
+  assert jax.device_count() == 8
+  optimizer, batch, (expected_state, expected) = single_device_step
   mesh = sharding.make_mesh(*mesh_shape)
   model = random_model(CONFIG, mesh=mesh)
   graphdef, state = train_step.init_train_state(model, optimizer, with_reference=True, mesh=mesh)
-  sharded = train_step.make_train_step(graphdef, objective, optimizer, group_size=GROUP,
+  sharded = train_step.make_train_step(graphdef, SHARDED_OBJECTIVE, optimizer, group_size=GROUP,
                                        micro_batches=2, bos_id=BOS, mesh=mesh, state=state)
   new_state, metrics = sharded(state, sharding.shard_batch(batch, mesh))
   assert len(new_state.params["layers"]["w_up"][...].sharding.device_set) == 8
