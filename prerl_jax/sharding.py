@@ -163,6 +163,16 @@ def constrain(x, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
 
 
+def context_batch_shards(length: int, rules=DEFAULT_RULES) -> int:
+  """Into how many parts the batch axes of the mesh in context split `length` (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AxisType.Manual in mesh.axis_types:
+    return 1
+  axes = logical_to_spec(("batch",), (length,), mesh, rules)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def traced_on(mesh: Mesh | None, fn):
   """`fn`, traced with `mesh` as the mesh in context (for `constrain`); `fn` itself when None."""
   if mesh is None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prerl_jax import sharding
 from prerl_jax.models.decoder import Decoder, positions_from_mask
 from prerl_jax.rl.batch import RolloutBatch
 from prerl_jax.rl.packing import PackedBatch
@@ -41,11 +42,15 @@ def token_logprobs(model: Decoder, hidden_BxRxD, targets_BxR, temperature=1.0,
   targets_BxL = jnp.pad(targets_BxR, ((0, 0), (0, pad)))
   hidden_NxBxCxD = hidden_BxLxD.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
   targets_NxBxC = targets_BxL.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+  # The head whole over the batch axes once, before the chunks (under fsdp it is gathered once
+  # per call, not once per chunk, and its gradient reduced once).
+  head_DxV = sharding.constrain(model.head(), (None, "vocab"))
 
   @jax.checkpoint
   def one_chunk(args):
     hidden_BxCxD, targets_BxC = args
-    logits_BxCxV = model.logits(hidden_BxCxD) / temperature
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD.astype(head_DxV.dtype), head_DxV,
+                              preferred_element_type=jnp.float32) / temperature
     logsumexp_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_logits_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     probs_BxCxV = jnp.exp(logits_BxCxV - logsumexp_BxC[..., None])
@@ -103,15 +108,24 @@ def packed_response_logprobs(model: Decoder, micro: PackedBatch, space: str, tem
   rows = micro.spaces[space]
   hidden_KxLxD, _ = model(rows.tokens, rows.positions, rows.segment_ids,
                           branch_ids_BxT=rows.branch_ids)
-  hidden_1xNxD = hidden_KxLxD[rows.token_row, rows.predict_col][None]
-  logp_1xN, entropy_1xN = token_logprobs(model, hidden_1xNxD, micro.token_target[None],
-                                         temperature, chunk_size)
+  # The flat tokens as one row per batch shard of the mesh in context, pinned there: each chip
+  # projects its own tokens (else XLA splits the projection over the model dimension, as the
+  # head is split under fsdp, and all-reduces every chunk's logits).
+  num_tokens = micro.token_target.shape[0]
+  shards = sharding.context_batch_shards(num_tokens)
+  hidden_PxQxD = sharding.constrain(
+      hidden_KxLxD[rows.token_row, rows.predict_col].reshape(shards, num_tokens // shards, -1),
+      ("batch", None, None))
+  logp_PxQ, entropy_PxQ = token_logprobs(model, hidden_PxQxD,
+                                         micro.token_target.reshape(shards, -1), temperature,
+                                         chunk_size)
   slots_SxR = jnp.zeros(micro.response_mask.shape, jnp.float32)
 
-  def to_slots(values_1xN):
-    return slots_SxR.at[micro.token_slot, micro.token_offset].set(values_1xN[0], mode="drop")
+  def to_slots(values_PxQ):
+    return slots_SxR.at[micro.token_slot, micro.token_offset].set(values_PxQ.reshape(-1),
+                                                                  mode="drop")
 
-  return to_slots(logp_1xN), to_slots(entropy_1xN)
+  return to_slots(logp_PxQ), to_slots(entropy_PxQ)
 
 
 @functools.partial(nnx.jit, static_argnames=("conditional", "chunk_size"))

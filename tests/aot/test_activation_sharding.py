@@ -6,12 +6,14 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from prerl_jax import sharding
 from prerl_jax.aot import collectives, targets, update_peak
 from prerl_jax.models.decoder import Decoder
+from prerl_jax.rl import scoring
 from test_dry_run import TINY
 
 ROWS_PER_CHIP, TOKENS = 2, 64
@@ -51,3 +53,39 @@ def test_the_update_gathers_weights_and_never_moves_activations(target_name):
   # + norms 128) + final norm 64) x 4 bytes.
   assert param_bytes == (2 * 128 * 64 + 2 * (12_288 + 18_432 + 128) + 64) * 4 == 312_576
   assert 0 < traffic.total_bytes <= 4 * param_bytes
+
+
+def _scoring_traffic(target_name: str, chunk_size: int):
+  """Traffic of the gradient of `scoring.token_logprobs` (TINY's head split over fsdp) for 32
+  response tokens per chip, in chunks of `chunk_size`."""
+  target = targets.get_target(target_name)
+  mesh = sharding.make_mesh(fsdp=-1, devices=targets.target_devices(target))
+  graph, state = nnx.split(nnx.eval_shape(lambda: Decoder(TINY, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, sharding.state_shardings(state, mesh))
+  rows = sharding.batch_sharding(mesh, 3)
+  hidden = jax.ShapeDtypeStruct((mesh.size, 32, TINY.hidden_size), jnp.float32, sharding=rows)
+  tokens = jax.ShapeDtypeStruct((mesh.size, 32), jnp.int32, sharding=sharding.batch_sharding(
+      mesh, 2))
+
+  def loss(params, hidden, tokens):
+    logp, _ = scoring.token_logprobs(nnx.merge(graph, params), hidden, tokens,
+                                     chunk_size=chunk_size)
+    return jnp.sum(logp)
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, hidden, tokens).compile()
+  return collectives.traffic(compiled.as_text())
+
+
+@pytest.mark.parametrize("target_name", ["v5p-8", "h100x8"])
+def test_the_vocabulary_projection_gathers_the_head_once_whatever_the_chunks(target_name):
+  target = targets.get_target(target_name)
+  if target.compiler not in ("tpu", "xla-gpu"):
+    pytest.skip("XLA:GPU needs the CUDA plugin: pip install -e .[gpu-aot]")
+  one, eight = _scoring_traffic(target_name, 32), _scoring_traffic(target_name, 4)
+  # Eight chunks move what one does: the head is gathered (and its gradient reduced) once per
+  # call, never per chunk, and no chunk's logits are all-reduced.
+  assert one.ops == eight.ops and one.total_bytes == eight.total_bytes > 0
+  head_bytes = 128 * 64 * 4  # TINY's untied [64, 128] float32 head.
+  assert eight.total_bytes <= 3 * head_bytes
