@@ -7,6 +7,7 @@ restore with `UnreadableCheckpoint`; `set_aside` renames it `<step>.corrupt` so 
 listed again. One that holds other arrays than the run's state fails with a UserError instead.
 """
 
+import logging
 import os
 import sys
 
@@ -160,19 +161,21 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 def _drop_reports_of_abandoned_reads() -> None:
   """From now on, drops what the other reads of a failed restore report as they end.
 
-  Orbax leaves them running; each then reports to sys.unraisablehook, as a traceback that adds
-  nothing to the failure already named: the closed event loop it cannot call back, or its own
-  read's error. Every other report goes to the hook installed before.
+  Orbax leaves them running; each then reports to sys.unraisablehook, or through the
+  `concurrent.futures` logger when its future's callback finds the loop closed, as a traceback
+  that adds nothing to the failure already named: the closed event loop it cannot call back, or
+  its own read's error. Every other report goes where it went before.
   """
   previous = sys.unraisablehook
   if getattr(previous, "drops_abandoned_reads", False):
     return
+  closed = lambda error: isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  logging.getLogger("concurrent.futures").addFilter(
+      lambda record: not (record.exc_info and closed(record.exc_info[1])))
 
   def hook(unraisable):
-    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
-                   and str(unraisable.exc_value) == "Event loop is closed")
     read = getattr(unraisable.object, "__qualname__", "") == "_read_array_index_and_device_put"
-    if not (closed_loop or read):
+    if not (closed(unraisable.exc_value) or read):
       previous(unraisable)
 
   hook.drops_abandoned_reads = True
