@@ -31,9 +31,11 @@ def inputs(length, seed=0, batch=3, num_heads=4, num_kv=2, head_dim=32):
 
 
 def value_and_grads(fn, q, k, v, segments):
+  """fn's output and the gradients of a weighted sum of it, compiled as the decoder runs fn."""
   weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
   loss = lambda q, k, v: jnp.sum(fn(q, k, v, segments) * weights)
-  return fn(q, k, v, segments), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return jax.jit(lambda q, k, v: (fn(q, k, v, segments),
+                                  jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
 
 def assert_matches_reference(fn, length):
