@@ -4,6 +4,7 @@ top-k / top-p may emit."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import tiny_models
 from prerl_jax.models.decoder import positions_from_mask
@@ -20,11 +21,18 @@ def _prompts(lengths, seed=0, vocab=128):
 
 def _teacher_forced_logp(model, out, temperature):
   """log_softmax(logits / temperature) [N, M, V] at each response step of [prompt][response]."""
-  tokens = jnp.concatenate([out.prompt_tokens_NxP, out.tokens_NxM], axis=1)
-  mask = jnp.concatenate([out.prompt_mask_NxP, out.response_mask_NxM], axis=1)
+  return np.asarray(_response_logp(model, out.prompt_tokens_NxP, out.prompt_mask_NxP,
+                                   out.tokens_NxM, out.response_mask_NxM, temperature))
+
+
+@nnx.jit
+def _response_logp(model, prompt_tokens_NxP, prompt_mask_NxP, tokens_NxM, response_mask_NxM,
+                   temperature):
+  tokens = jnp.concatenate([prompt_tokens_NxP, tokens_NxM], axis=1)
+  mask = jnp.concatenate([prompt_mask_NxP, response_mask_NxM], axis=1)
   hidden, _ = model(tokens, positions_from_mask(mask), mask)
-  logits = model.logits(hidden)[:, out.prompt_tokens_NxP.shape[1] - 1:-1] / temperature
-  return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  logits = model.logits(hidden)[:, prompt_tokens_NxP.shape[1] - 1:-1] / temperature
+  return jax.nn.log_softmax(logits, axis=-1)
 
 
 def _gather(logp_NxMxV, tokens_NxM):
