@@ -17,6 +17,8 @@ CONFIG = ModelConfig("qwen3", vocab_size=128, hidden_size=64, intermediate_size=
 BOS = 1
 GROUP = 4
 BOTH = (oc.CONDITIONAL, oc.MARGINAL)
+# Each loss case compiles two gradient programs, compared within 1e-6 (conftest.py).
+pytestmark = pytest.mark.usefixtures("unoptimized_machine_code")
 
 
 def make_batch(rows=8, seed=0, groups_share_prompts=False):
@@ -85,19 +87,6 @@ def test_pack_errors_name_what_is_wrong():
     packing.pack(make_batch(), BOTH)
   with pytest.raises(ValueError, match="unknown space 'post'"):
     packing.pack(make_batch(), ("post",))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def unoptimized_machine_code():
-  """Each case compiles two gradient programs; XLA compiles them in half the time without
-  LLVM's optimization passes (jax_disable_most_optimizations: the same HLO, machine code left
-  unoptimized). Packed and unpacked are compiled alike and compared within 1e-6. The programs
-  compiled meanwhile are dropped after the module, so no other test runs them."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-  jax.clear_caches()
 
 
 accumulate = jax.jit(train_step.accumulate_gradients, static_argnums=(0, 3),

@@ -18,6 +18,8 @@ CONFIG = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=
                      num_heads=4, num_kv_heads=2, head_dim=16)
 BOS = 1
 GROUP = 4
+# Every test compiles train steps, compared with formulas or each other within 1e-7 to 1e-5.
+pytestmark = pytest.mark.usefixtures("unoptimized_machine_code")
 
 
 def make_batch(rows=8, seed=0):
