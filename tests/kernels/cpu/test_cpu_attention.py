@@ -3,7 +3,6 @@ picks the CPU kernels, and what happens when they cannot be built."""
 
 import functools
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -106,13 +105,10 @@ def test_kernel_matches_xla_on_wide_blocks(head_dim, groups, q_scale, atol):
 
 
 @needs_cpu_kernels
-def test_portable_build_matches_xla(tmp_path):
+def test_portable_build_matches_xla(portable_library):
   """The kernels built without -march=native (the fallback build: 4-lane SSE / NEON vectors where
   the native one has 8-lane AVX) compute the same attention, products and norms."""
-  library = str(tmp_path / "portable.so")
-  subprocess.run(cpu_kernels.compile_command(cpu_kernels.compiler(), library, native=False),
-                 check=True, capture_output=True)
-  cpu_kernels.register(library, "_portable")
+  cpu_kernels.register(portable_library, "_portable")
   portable = functools.partial(cpu_attention.write_and_attend, suffix="_portable")
   rng = np.random.default_rng(5)
   q = jnp.asarray(rng.normal(size=(6, 1, 4, 32)).astype(np.float32)) * 4

@@ -3,7 +3,6 @@ page_pool.write_tokens and gather_attention; only the live rows' new slots chang
 row reads never matter; bad tables and dtypes are refused."""
 
 import functools
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -81,13 +80,10 @@ def test_kernel_matches_write_tokens_and_gather_attention(kv, groups, head_dim):
 
 
 @needs_cpu_kernels
-def test_portable_build_matches_reference(tmp_path):
+def test_portable_build_matches_reference(portable_library):
   """Built without -march=native (4-lane vectors, so other lane sums), the kernel computes the
   same attention, with a head size that leaves scalar columns after the vectors."""
-  library = str(tmp_path / "portable.so")
-  subprocess.run(cpu_kernels.compile_command(cpu_kernels.compiler(), library, native=False),
-                 check=True, capture_output=True)
-  cpu_kernels.register(library, "_paged_portable")
+  cpu_kernels.register(portable_library, "_paged_portable")
   for kv, groups, head_dim in ((2, 3, 16), (1, 2, 10)):
     q, k, v, rotation, pool = _case(kv, groups, head_dim, seed=head_dim)
     got, _ = _kernel(q, k, v, rotation, pool, 0, suffix="_paged_portable")
