@@ -149,6 +149,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def _context_mesh():
+  """The mesh in context, None without one or inside `shard_map` (manual axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or AxisType.Manual in mesh.axis_types else mesh
+
+
 def constrain(x, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):
   """`x` laid out by its logical axes on the mesh in context (`jax.set_mesh`).
 
@@ -157,16 +163,16 @@ def constrain(x, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):
   weights' fsdp split and all-reduce activations instead of gathering weights. Programs given a
   mesh trace under it (`traced_on`), whatever the caller's context.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
+  mesh = _context_mesh()
+  if mesh is None or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
 
 
 def context_batch_shards(length: int, rules=DEFAULT_RULES) -> int:
   """Into how many parts the batch axes of the mesh in context split `length` (1 without one)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AxisType.Manual in mesh.axis_types:
+  mesh = _context_mesh()
+  if mesh is None:
     return 1
   axes = logical_to_spec(("batch",), (length,), mesh, rules)[0]
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
