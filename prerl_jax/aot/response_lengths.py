@@ -191,7 +191,7 @@ def mean_of(projections: list[dict]) -> dict:
 
 
 def summary_line(lengths: dict) -> str:
-  """The dry-run summary's line for a report's `lengths` (dry_run.lengths_projection)."""
+  """The dry-run summary's line for a report's `lengths` (sample_programs.lengths_projection)."""
   head = f"response lengths {lengths['source']}"
   if "note" in lengths:
     return f"{head}: {lengths['note']}"

@@ -9,7 +9,7 @@ import pytest
 
 import configs
 from prerl_jax import sharding
-from prerl_jax.aot import dry_run, report as report_lib, targets
+from prerl_jax.aot import dry_run, programs as program_lib, report as report_lib, targets
 from prerl_jax.generate import sampler as sampler_lib
 from prerl_jax.rl.batch import rollout_batch
 from prerl_jax.models.config import ModelConfig
@@ -117,13 +117,13 @@ def test_flops_count_every_loop_iteration_xla_counts_one():
   args = (jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 16), jnp.float32))
   one_iteration = 2 * 8 * 16 * 16
   scan = jax.jit(scanned).trace(*args)
-  assert dry_run.matmul_flops(scan.jaxpr.jaxpr) == 5 * one_iteration
+  assert program_lib.matmul_flops(scan.jaxpr.jaxpr) == 5 * one_iteration
   # XLA's count: one iteration's matmul plus the loop counter's two scalar ops.
   assert scan.lower().compile().cost_analysis()["flops"] == one_iteration + 2
   loop = jax.jit(looped).trace(*args).jaxpr.jaxpr
-  assert dry_run.matmul_flops(loop, while_trips=(7,)) == 7 * one_iteration
+  assert program_lib.matmul_flops(loop, while_trips=(7,)) == 7 * one_iteration
   with pytest.raises(ValueError, match="without a trip count"):
-    dry_run.matmul_flops(loop)
+    program_lib.matmul_flops(loop)
 
 
 def test_decode_segments_cover_every_decode_step():
@@ -169,8 +169,8 @@ def test_real_train_step_matches_the_simulated_prediction(monkeypatch):
   optimizer = train_step.make_optimizer(config.optim.learning_rate)
   graphdef, state = train_step.init_train_state(random_model(TINY, mesh=mesh), optimizer,
                                                 mesh=mesh)
-  assert dry_run.per_device_bytes(state.params) == report["bytes_per_chip"]["params"]
-  assert dry_run.per_device_bytes(state.opt_state) == report["bytes_per_chip"]["opt_state"]
+  assert sharding.per_device_bytes(state.params) == report["bytes_per_chip"]["params"]
+  assert sharding.per_device_bytes(state.opt_state) == report["bytes_per_chip"]["opt_state"]
   rows, rng = 32, np.random.default_rng(0)
   batch = sharding.shard_batch(rollout_batch(
       rng.integers(3, 128, (rows, 64)), rng.integers(1, 64, rows),
@@ -187,7 +187,7 @@ def test_real_train_step_matches_the_simulated_prediction(monkeypatch):
 
   new_state, metrics = compiled(state, batch)
   assert np.isfinite(float(metrics["loss"]))
-  resident = dry_run.per_device_bytes((new_state.params, new_state.opt_state))
+  resident = sharding.per_device_bytes((new_state.params, new_state.opt_state))
   assert resident == report["bytes_per_chip"]["params"] + report["bytes_per_chip"]["opt_state"]
-  left = dry_run.per_device_bytes((new_state.params, new_state.opt_state, metrics, batch))
+  left = sharding.per_device_bytes((new_state.params, new_state.opt_state, metrics, batch))
   assert left <= predicted["peak_bytes_per_chip"]

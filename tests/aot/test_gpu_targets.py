@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import pytest
 
-from prerl_jax.aot import dry_run, targets
+from prerl_jax.aot import abstract_state, programs as program_lib, targets, update_programs
 from test_dry_run import TINY, tiny_config
 
 pytestmark = pytest.mark.skipif(not targets.xla_gpu_installed(),
@@ -29,13 +29,14 @@ def test_xla_gpu_compiles_the_tiny_train_step_for_an_h100_host():
   assert target.compiler == "xla-gpu"
   config = tiny_config()
   config.optim.pack = False  # The batch bytes below are a padded RolloutBatch's.
-  mesh = dry_run.make_target_mesh(target, None)
+  mesh = abstract_state.make_target_mesh(target, None)
   assert {(d.platform, d.device_kind) for d in mesh.devices.flat} == {
       ("gpu", "NVIDIA H100 80GB HBM3")}
   with jax.set_mesh(mesh):
-    shapes = dry_run.step_shapes(config, mesh, dataclasses.replace(TINY, attention="chunked"))
-    (program,) = dry_run.train_programs(config, shapes, config.optim.micro_batches)
-    train = dry_run.compile_program(program, target)
+    model = dataclasses.replace(TINY, attention="chunked")
+    shapes = abstract_state.step_shapes(config, mesh, model)
+    (program,) = update_programs.train_programs(config, shapes, config.optim.micro_batches)
+    train = program_lib.compile_program(program, target)
   params = PARAM_ELEMENTS_PER_CHIP * 4
   assert shapes.bytes["params"] == params == 40192
   assert shapes.bytes["opt_state"] == 2 * params + 4  # Adam moments and the int32 count.
@@ -53,10 +54,10 @@ def test_gpu_targets_plan_chunked_attention():
   config = tiny_config()
   for attention in ("auto", "cudnn", "xla"):
     config.model.attention = attention
-    planned = dry_run.model_config_for(config, targets.get_target("h200x1")).attention
+    planned = abstract_state.model_config_for(config, targets.get_target("h200x1")).attention
     assert planned == ("xla" if attention == "xla" else "chunked")
   config.model.attention = "auto"
-  assert dry_run.model_config_for(config, targets.get_target("v5p-8")).attention == "splash"
+  assert abstract_state.model_config_for(config, targets.get_target("v5p-8")).attention == "splash"
 
 
 @pytest.mark.parametrize("name, chips, kind", [

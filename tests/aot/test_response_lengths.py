@@ -11,7 +11,7 @@ import pytest
 
 import configs
 from prerl_jax import errors, sharding
-from prerl_jax.aot import dry_run, response_lengths, targets
+from prerl_jax.aot import abstract_state, response_lengths, sample_programs, targets
 from prerl_jax.generate.continuous import PoolConfig
 from prerl_jax.models.config import ModelConfig
 
@@ -29,7 +29,7 @@ def test_every_response_at_the_cap_gives_the_bound():
   pages = 8 * 8 + 1  # Every row's longest sequence (64 + 64 tokens) fits: rows bind, not pages.
   run = response_lengths.simulate(np.full(48, 64), rollout, pool, shards=2, pages=pages,
                                   prompt_width=64)
-  bound = dry_run.cap_bound(rollout, pool, shards=2, pages=pages, prompt_width=64)
+  bound = sample_programs.cap_bound(rollout, pool, shards=2, pages=pages, prompt_width=64)
   # The pages alone would hold 3 groups: 64 pages / (4 prompt + 4 x 4 response pages).
   assert bound == {"groups_per_shard": 2, "pool_groups_per_shard": 3, "waves": 3,
                    "decode_chunks": 12, "decode_steps": 192}
@@ -145,16 +145,16 @@ def test_dry_run_projection_beside_the_bound(tmp_path):
   model = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=96,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
   mesh = sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4])
-  shapes = dry_run.step_shapes(config, mesh, model)
+  shapes = abstract_state.step_shapes(config, mesh, model)
   config.rollout.weights = "trainer"  # The rollout mesh is the trainer's: 2 batch shards.
   programs = [{"name": "sampler:prefill", "stage": "sample", "runs": 4, "projected_s": 4.0},
               {"name": "sampler:decode", "stage": "sample", "runs": 1, "flops_per_chip": 0.0,
                "comm_s": 1.6},
               {"name": "train:grpo", "stage": "update", "projected_s": 7.0}]
   target = targets.get_target("v5p-8")
-  side = dry_run.rollout_side(config, shapes, target)
+  side = sample_programs.rollout_side(config, shapes, target)
   lengths = response_lengths.parse("fixed:16", 32, 16)
-  report = dry_run.lengths_projection(config, shapes, side, target, lengths, programs)
+  report = sample_programs.lengths_projection(config, shapes, side, target, lengths, programs)
   # 64 rows per fsdp shard hold the 4 groups of each: one wave of 16 steps, one chunk.
   assert report["bound"]["waves"] == report["waves"] == 1
   assert report["bound"]["decode_steps"] == report["decode_steps"] == 16
@@ -166,14 +166,14 @@ def test_dry_run_projection_beside_the_bound(tmp_path):
   path.write_text("".join(json.dumps({"step": step, "response/tokens_mean": 1.0,
                                       "response/lengths": [length] * 32}) + "\n"
                           for step, length in ((1, 16), (2, 4))))
-  logged = dry_run.lengths_projection(config, shapes, side, target,
+  logged = sample_programs.lengths_projection(config, shapes, side, target,
                                       response_lengths.parse(str(path), 32, 16), programs)
   assert [p["decode_steps"] for p in logged["per_step"]] == [16, 4] and logged["steps"] == [1, 2]
   assert (logged["decode_steps"], logged["mean"], logged["max"]) == (10, 10, 16)
   assert response_lengths.summary_line(logged).startswith(
       f"response lengths {path} (mean over logged steps 1, 2): mean 10 tokens (max 16)")
   config.rollout.engine = "static"
-  static = dry_run.lengths_projection(config, shapes, side, target, lengths, programs)
+  static = sample_programs.lengths_projection(config, shapes, side, target, lengths, programs)
   assert response_lengths.summary_line(static) == (
       "response lengths fixed:16: not modelled for rollout.engine=static: its decode loop runs "
       "until the batch's longest response stops, with many rows about the cap; the "

@@ -8,7 +8,8 @@ import pytest
 
 import configs
 from prerl_jax import sharding
-from prerl_jax.aot import collectives, dry_run, targets
+from prerl_jax.aot import abstract_state, collectives, dry_run, programs as program_lib
+from prerl_jax.aot import sample_programs, targets
 from prerl_jax.errors import UserError
 from prerl_jax.generate import pool_budget, rollout_weights
 from prerl_jax.models.config import ModelConfig
@@ -46,13 +47,13 @@ def sampler_programs(weights: str, kv_cache_gib) -> tuple:
   """(shapes, rollout side, the sampler programs compiled for v5p-8) of the tiny config."""
   pytest.importorskip("libtpu", reason="the TPU dry run needs libtpu: pip install -e .[tpu-aot]")
   config, target = tiny_config(weights, kv_cache_gib), targets.get_target("v5p-8")
-  mesh = dry_run.make_target_mesh(target, MESH)
+  mesh = abstract_state.make_target_mesh(target, MESH)
   with jax.set_mesh(mesh):
-    shapes = dry_run.step_shapes(config, mesh, TINY)
-    side = dry_run.rollout_side(config, shapes, target)
+    shapes = abstract_state.step_shapes(config, mesh, TINY)
+    side = sample_programs.rollout_side(config, shapes, target)
   with jax.set_mesh(side.mesh):
-    programs = [dry_run.compile_program(p, target)
-                for p in dry_run.sampler_programs(config, shapes, side)]
+    programs = [program_lib.compile_program(p, target)
+                for p in sample_programs.sampler_programs(config, shapes, side)]
   return config, shapes, side, target, programs
 
 
@@ -130,7 +131,7 @@ def test_the_sample_roofline_by_hand(auto_report):
 
 def test_an_explicit_pool_too_large_fails_naming_the_key_and_numbers():
   config, shapes, side, target, programs = sampler_programs("replicated", 93.0)
-  pool = dry_run.pool_report(config, shapes, side, target, programs)
+  pool = sample_programs.pool_report(config, shapes, side, target, programs)
   assert pool["budget"]["pool_bytes"] < 93 * GIB
   assert pool["error"].startswith(
       "rollout.kv_cache_gib=93.0: its pool takes 93.00 GiB per chip, more than the HBM 95.74 - "

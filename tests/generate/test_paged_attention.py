@@ -1,7 +1,6 @@
 """Paged attention and the paged forward: the XLA gather over page tables equals dense attention,
 and prefilling a prompt in chunks through the pool equals the full forward."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ import configs
 import run_fixtures
 from configs import common
 from prerl_jax import sharding
-from prerl_jax.aot import dry_run, targets
+from prerl_jax.aot import abstract_state, programs as program_lib, targets, update_programs
 from prerl_jax.errors import UserError
 from prerl_jax.generate import pool_budget
 from prerl_jax.models.config import ModelConfig
@@ -56,7 +56,7 @@ def hbm_leaving(available: float) -> float:
 @pytest.fixture(scope="module")
 def shapes():
   mesh = sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])
-  return dry_run.step_shapes(tiny_config(), mesh, TINY)
+  return abstract_state.step_shapes(tiny_config(), mesh, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def peaks(shapes):
   found = {}
   with jax.set_mesh(shapes.mesh):
     for count in COUNTS:
-      (program,) = [dry_run.compile_program(p, target)
-                    for p in dry_run.train_programs(tiny_config(), shapes, count)]
+      (program,) = [program_lib.compile_program(p, target)
+                    for p in update_programs.train_programs(tiny_config(), shapes, count)]
       found[count] = micro_batch_budget.Tried(count, program["compiler_peak_bytes"],
                                               program["temp_bytes"])
   return found
@@ -132,7 +132,7 @@ def test_the_dry_run_makes_the_same_choice_and_reports_the_counts_tried(shapes, 
   available = (peaks[1].peak_bytes + peaks[2].peak_bytes) / 2
   target = simulated_target(hbm_leaving(available))
   with jax.set_mesh(shapes.mesh):
-    programs, choice = dry_run.update_stage(tiny_config(), shapes, target)
+    programs, choice = update_programs.update_stage(tiny_config(), shapes, target)
   assert choice["micro_batches"] == 2
   assert [(t["micro_batches"], t["peak_bytes"]) for t in choice["tried"]] == [
       (1, peaks[1].peak_bytes), (2, peaks[2].peak_bytes)]
