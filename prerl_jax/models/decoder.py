@@ -219,9 +219,11 @@ class Decoder(nnx.Module):
       return self.embed[...].astype(dtype).T
     return self.lm_head[...].astype(dtype)
 
-  def logits(self, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
-    """Vocabulary logits (float32) of final hidden states."""
-    return jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(self.config.compute_dtype), self.head(),
+  def logits(self, hidden_BxTxD: jnp.ndarray, head_DxV: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Vocabulary logits (float32) of final hidden states; `head_DxV`: `head()` as the caller
+    already placed it (scoring gathers it once for all its chunks)."""
+    head_DxV = self.head() if head_DxV is None else head_DxV
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(head_DxV.dtype), head_DxV,
                       preferred_element_type=jnp.float32)
 
 

@@ -49,8 +49,7 @@ def token_logprobs(model: Decoder, hidden_BxRxD, targets_BxR, temperature=1.0,
   @jax.checkpoint
   def one_chunk(args):
     hidden_BxCxD, targets_BxC = args
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD.astype(head_DxV.dtype), head_DxV,
-                              preferred_element_type=jnp.float32) / temperature
+    logits_BxCxV = model.logits(hidden_BxCxD, head_DxV) / temperature
     logsumexp_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_logits_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     probs_BxCxV = jnp.exp(logits_BxCxV - logsumexp_BxC[..., None])
